@@ -1,0 +1,98 @@
+"""actsparse.core: protocols, records, the plugin manager, the registry and errors.
+
+Plugin authors import :data:`hookimpl` and the record types from here.
+"""
+
+from __future__ import annotations
+
+from actsparse.core._errors import (
+    ActsparseError,
+    ConfigError,
+    DuplicateStrategyError,
+    LayerNotFoundError,
+    MaskError,
+    MaskNotReadyError,
+    PluginError,
+    SerializationError,
+    StateError,
+    UnknownStrategyError,
+)
+from actsparse.core._fqn import fqn_to_module, module_to_fqn
+from actsparse.core._hookspecs import PROJECT_NAME, hookimpl, hookspec
+from actsparse.core._protocols import (
+    CONFIG_KEYS,
+    DATA_GROUP_KEYS,
+    HOOK_STATES,
+    AggregateFn,
+    DataGroup,
+    Mask,
+    MaskFn,
+    ReduceFn,
+)
+from actsparse.core._records import (
+    AggregateStrategy,
+    MaskStrategy,
+    ReduceStrategy,
+    Serializer,
+    infer_params,
+)
+from actsparse.core._registry import (
+    BLOCK_ENV_VAR,
+    ENTRY_POINT_GROUP,
+    KINDS,
+    Entry,
+    PluginManager,
+    PluginWarning,
+    Registry,
+    get_plugin_manager,
+    get_registry,
+    make_plugin_manager,
+    register_plugin,
+    unregister_plugin,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCK_ENV_VAR",
+    "CONFIG_KEYS",
+    "DATA_GROUP_KEYS",
+    "ENTRY_POINT_GROUP",
+    "HOOK_STATES",
+    "KINDS",
+    "PROJECT_NAME",
+    "ActsparseError",
+    "AggregateFn",
+    "AggregateStrategy",
+    "ConfigError",
+    "DataGroup",
+    "DuplicateStrategyError",
+    "Entry",
+    "LayerNotFoundError",
+    "Mask",
+    "MaskError",
+    "MaskFn",
+    "MaskNotReadyError",
+    "MaskStrategy",
+    "PluginError",
+    "PluginManager",
+    "PluginWarning",
+    "ReduceFn",
+    "ReduceStrategy",
+    "Registry",
+    "SerializationError",
+    "Serializer",
+    "StateError",
+    "UnknownStrategyError",
+    "__version__",
+    "fqn_to_module",
+    "hookimpl",
+    "hookspec",
+    "infer_params",
+    "make_plugin_manager",
+    "module_to_fqn",
+    "get_plugin_manager",
+    "get_registry",
+    "register_plugin",
+    "unregister_plugin",
+]

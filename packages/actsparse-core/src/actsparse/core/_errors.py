@@ -1,0 +1,82 @@
+"""The actsparse error family.
+
+Every error that actsparse raises derives from :class:`ActsparseError`. Each
+one also derives from the builtin exception that torch.ao's
+``ActivationSparsifier`` raised in the same situation, so ``except`` clauses
+written against torch.ao keep working after switching imports.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActsparseError",
+    "ConfigError",
+    "DuplicateStrategyError",
+    "LayerNotFoundError",
+    "MaskError",
+    "MaskNotReadyError",
+    "PluginError",
+    "SerializationError",
+    "StateError",
+    "UnknownStrategyError",
+]
+
+
+class ActsparseError(Exception):
+    """Base class of every error raised by actsparse."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; keep messages readable for every subclass.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class ConfigError(ActsparseError, ValueError, AssertionError):
+    """A layer or strategy configuration is invalid.
+
+    torch.ao raised ``AssertionError`` for these (features without
+    ``feature_dim``, a function that is not callable).
+    """
+
+
+class LayerNotFoundError(ActsparseError, ValueError, KeyError, AssertionError):
+    """A layer is not part of the model, or not registered.
+
+    torch.ao raised ``AssertionError`` (``register_layer``,
+    ``load_state_dict``), ``ValueError`` (``get_mask``) or ``KeyError``
+    (``unregister_layer``) for these.
+    """
+
+
+class MaskNotReadyError(ActsparseError, ValueError):
+    """A layer has no mask yet: it has not seen an input since registration."""
+
+
+class StateError(ActsparseError, RuntimeError, KeyError):
+    """A call does not fit the layer's place in the workflow.
+
+    For example ``step()`` before any forward pass (torch.ao raised
+    ``KeyError``), or ``squash_mask()`` twice.
+    """
+
+
+class MaskError(ActsparseError, ValueError):
+    """A mask function returned something that is not a usable mask."""
+
+
+class UnknownStrategyError(ActsparseError, ValueError, KeyError, AssertionError):
+    """A strategy or serializer name that no installed plugin registers.
+
+    torch.ao raised ``AssertionError`` for a function that was not callable.
+    """
+
+
+class DuplicateStrategyError(ActsparseError, ValueError):
+    """Two plugins register a strategy or serializer under the same name."""
+
+
+class PluginError(ActsparseError, RuntimeError):
+    """A plugin could not be loaded or returned something invalid."""
+
+
+class SerializationError(ActsparseError, ValueError):
+    """State could not be converted, written or read."""

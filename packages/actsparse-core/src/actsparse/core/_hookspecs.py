@@ -1,0 +1,86 @@
+"""The hooks a plugin implements. These docstrings are the plugin API reference.
+
+Implement any of them in a module or object, decorate each with
+:data:`actsparse.core.hookimpl`, and point an entry point in the ``actsparse``
+group at it::
+
+    [project.entry-points.actsparse]
+    my_masks = "my_package.actsparse_plugin"
+
+Hooks take no arguments today; arguments may be added, never renamed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pluggy
+
+from actsparse.core._records import AggregateStrategy, MaskStrategy, ReduceStrategy, Serializer
+
+PROJECT_NAME = "actsparse"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def actsparse_aggregate_strategies() -> Sequence[AggregateStrategy]:  # type: ignore[empty-body]
+    """Return the aggregate strategies this plugin provides.
+
+    Each strategy folds a layer's inputs into an accumulator during
+    calibration. Names must be unique across all installed plugins.
+
+    Example::
+
+        @hookimpl
+        def actsparse_aggregate_strategies():
+            return [AggregateStrategy(name="sum", fn=torch.add, elementwise=True)]
+    """
+
+
+@hookspec
+def actsparse_reduce_strategies() -> Sequence[ReduceStrategy]:  # type: ignore[empty-body]
+    """Return the reduce strategies this plugin provides.
+
+    Each strategy turns the aggregated data into the tensor that the mask
+    function receives. Names must be unique across all installed plugins.
+
+    Example::
+
+        @hookimpl
+        def actsparse_reduce_strategies():
+            return [ReduceStrategy(name="mean", fn=lambda t: t.mean(dim=0))]
+    """
+
+
+@hookspec
+def actsparse_mask_strategies() -> Sequence[MaskStrategy]:  # type: ignore[empty-body]
+    """Return the mask strategies this plugin provides.
+
+    Each strategy computes a {0, 1} mask from the reduced data and the layer's
+    ``sparse_config``; declare the accepted keys in ``params`` so that a wrong
+    key is reported when the layer is registered. Names must be unique across
+    all installed plugins.
+
+    Example::
+
+        @hookimpl
+        def actsparse_mask_strategies():
+            return [MaskStrategy(name="positive", fn=lambda t: (t > 0).float(), params=())]
+    """
+
+
+@hookspec
+def actsparse_serializers() -> Sequence[Serializer]:  # type: ignore[empty-body]
+    """Return the serializers (state conversions and file formats) this plugin provides.
+
+    ``dumps`` converts a sparsifier state dict to a stored form and ``loads``
+    converts it back. Names must be unique across all installed plugins.
+
+    Example::
+
+        @hookimpl
+        def actsparse_serializers():
+            return [Serializer(name="identity", dumps=dict, loads=dict)]
+    """

@@ -1,0 +1,13 @@
+"""actsparse.hooks: the hook-based torch runtime.
+
+:class:`ActivationSparsifier` is a drop-in replacement for
+``torch.ao.pruning._experimental.activation_sparsifier.ActivationSparsifier``.
+"""
+
+from __future__ import annotations
+
+from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION, ActivationSparsifier
+
+__version__ = "0.1.0"
+
+__all__ = ["STATE_FORMAT_VERSION", "ActivationSparsifier", "__version__"]

@@ -1,0 +1,3 @@
+from actsparse.hooks.workflow import main
+
+raise SystemExit(main())

@@ -1,0 +1,441 @@
+"""One registered layer: its configuration, resolved strategies, hooks and state.
+
+The hook functions built here run on every forward pass. They hold no Python
+loop over features (an elementwise aggregate folds every selected feature with
+one call), build no tensors after the first call, and never read a tensor's
+values back to the host.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import attrs
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from actsparse.core import (
+    CONFIG_KEYS,
+    AggregateStrategy,
+    ConfigError,
+    MaskError,
+    MaskStrategy,
+    ReduceStrategy,
+    Registry,
+)
+
+AGGREGATE = "aggregate"
+SPARSIFY = "sparsify"
+DETACHED = "None"
+
+_STRATEGY_KINDS = (("aggregate_fn", "aggregate"), ("reduce_fn", "reduce"), ("mask_fn", "mask"))
+
+
+def _ones_placeholder(x: torch.Tensor) -> torch.Tensor:
+    # torch.ao keeps ones_like(input) as the mask until step(); a stride-0 view
+    # gives the same values and shape without memory that grows with the batch.
+    return torch.ones((), dtype=x.dtype, device=x.device).expand(x.shape)
+
+
+@attrs.frozen
+class FeatureSpec:
+    """The selected features of a layer, normalised: one index list per feature."""
+
+    groups: tuple[tuple[int, ...], ...]
+    dim: int
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(len(g) for g in self.groups)
+
+    @property
+    def flat(self) -> tuple[int, ...]:
+        return tuple(i for g in self.groups for i in g)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_features(layer: str, features: object, feature_dim: object) -> FeatureSpec | None:
+    """Validate ``features`` / ``feature_dim`` and normalise them."""
+    if features is None:
+        if feature_dim is not None and not _is_int(feature_dim):
+            raise ConfigError(f"layer {layer!r}: feature_dim must be an int, got {feature_dim!r}")
+        return None
+    if feature_dim is None:
+        raise ConfigError(
+            f"layer {layer!r}: features={features!r} needs feature_dim, the dimension "
+            "along which the features are selected"
+        )
+    if not _is_int(feature_dim):
+        raise ConfigError(f"layer {layer!r}: feature_dim must be an int, got {feature_dim!r}")
+    if isinstance(features, (str, bytes)) or not isinstance(features, Sequence) or not features:
+        raise ConfigError(
+            f"layer {layer!r}: features must be a non-empty list of ints or lists of ints, "
+            f"got {features!r}"
+        )
+    groups: list[tuple[int, ...]] = []
+    seen: set[int] = set()
+    for position, feature in enumerate(features):
+        indices = (feature,) if _is_int(feature) else feature
+        if (
+            isinstance(indices, (str, bytes))
+            or not isinstance(indices, Sequence)
+            or not indices
+            or not all(_is_int(i) for i in indices)
+        ):
+            raise ConfigError(
+                f"layer {layer!r}: features[{position}] must be an int or a non-empty list "
+                f"of ints, got {feature!r}"
+            )
+        for index in indices:
+            if index < 0:
+                raise ConfigError(
+                    f"layer {layer!r}: features[{position}] holds the negative index {index}"
+                )
+            if index in seen:
+                raise ConfigError(
+                    f"layer {layer!r}: feature index {index} is selected twice "
+                    f"(again in features[{position}])"
+                )
+            seen.add(index)
+        groups.append(tuple(indices))
+    return FeatureSpec(tuple(groups), int(feature_dim))  # type: ignore[call-overload]
+
+
+def resolve_config(
+    registry: Registry, layer: str, config: Mapping[str, Any]
+) -> tuple[AggregateStrategy, ReduceStrategy, MaskStrategy, FeatureSpec | None]:
+    """Check a layer's full configuration and resolve its strategies."""
+    resolved: list[Any] = []
+    for key, kind in _STRATEGY_KINDS:
+        value = config[key]
+        if value is None:
+            raise ConfigError(
+                f"layer {layer!r}: {key} is required; pass a callable or the name of a "
+                f"registered {kind} strategy (known: {', '.join(registry.names(kind)) or 'none'})"
+            )
+        try:
+            resolved.append(registry.resolve(kind, value, key=key))
+        except ConfigError as exc:
+            raise type(exc)(f"layer {layer!r}: {exc}") from None
+    sparse_config = config["sparse_config"]
+    if not isinstance(sparse_config, Mapping):
+        raise ConfigError(
+            f"layer {layer!r}: sparse_config must be a mapping, got {sparse_config!r}"
+        )
+    mask_strategy: MaskStrategy = resolved[2]
+    mask_strategy.check_config(sparse_config, layer=layer)
+    spec = parse_features(layer, config["features"], config["feature_dim"])
+    return resolved[0], resolved[1], mask_strategy, spec
+
+
+@attrs.define(eq=False)
+class Layer:
+    """The runtime record of one registered layer."""
+
+    name: str
+    module: nn.Module
+    config: dict[str, Any]
+    aggregate: AggregateStrategy
+    reduce: ReduceStrategy
+    mask_strategy: MaskStrategy
+    features: FeatureSpec | None
+    hook_state: str = AGGREGATE
+    handle: RemovableHandle | None = None
+    #: the accumulator: a tensor, or with features either one tensor holding every
+    #: selected feature (elementwise aggregates) or a list with one per feature
+    data: Any = None
+    mask: Any = None
+    #: the shape of the first input seen (or of each selected slice)
+    input_shape: tuple[int, ...] | None = None
+    # index tensors, built once and kept on the input's device
+    _index: torch.Tensor | None = None
+    _indices: list[torch.Tensor] | None = None
+    # the mask as the sparsify hook applies it (cast, and for features combined)
+    _applied: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- config
+
+    @property
+    def fused(self) -> bool:
+        """Whether every selected feature is aggregated with one call."""
+        return self.features is not None and self.aggregate.elementwise
+
+    def exposed_config(self) -> dict[str, Any]:
+        return {key: copy.deepcopy(self.config[key]) for key in CONFIG_KEYS}
+
+    # ------------------------------------------------------------------ data
+
+    def exposed_data(self) -> Any:
+        """The aggregated data as torch.ao shows it: a tensor, or a list per feature."""
+        spec = self.features
+        if self.data is None or spec is None or not self.aggregate.elementwise:
+            return self.data
+        return list(torch.split(self.data, list(spec.sizes), dim=spec.dim))
+
+    def set_exposed_data(self, data: Any) -> None:
+        """Restore data given in the exposed form (used by ``load_state_dict``)."""
+        if data is None or self.features is None:
+            self.data = data
+            return
+        if not isinstance(data, (list, tuple)) or len(data) != len(self.features.groups):
+            raise ConfigError(
+                f"layer {self.name!r}: data must be a list with one tensor per feature "
+                f"({len(self.features.groups)}), got {type(data).__name__}"
+            )
+        self.data = torch.cat(list(data), dim=self.features.dim) if self.fused else list(data)
+
+    # ----------------------------------------------------------------- hooks
+
+    def _index_on(self, device: torch.device) -> torch.Tensor:
+        index = self._index
+        if index is None:
+            index = self._build_indices()
+        if index.device != device:
+            index = self._index = index.to(device)
+            self._indices = [t.to(device) for t in self._indices or ()]
+        return index
+
+    def _build_indices(self) -> torch.Tensor:
+        groups = self.features.groups if self.features is not None else ()
+        self._indices = [torch.tensor(g, dtype=torch.long) for g in groups]
+        self._index = torch.cat(self._indices) if groups else torch.empty(0, dtype=torch.long)
+        return self._index
+
+    def _first_input(self, x: torch.Tensor) -> None:
+        """Checks and bookkeeping on the first input after registration or step()."""
+        if self.features is None:
+            self.input_shape = tuple(x.shape)
+            if self.mask is None:
+                self.mask = _ones_placeholder(x)
+            return
+        dim = self.features.dim
+        if not -x.ndim <= dim < x.ndim:
+            raise ConfigError(
+                f"layer {self.name!r}: feature_dim={dim} is out of range for an input "
+                f"with {x.ndim} dimensions"
+            )
+        size = x.shape[dim]
+        too_big = [i for i in self.features.flat if i >= size]
+        if too_big:
+            raise ConfigError(
+                f"layer {self.name!r}: feature index {too_big[0]} is out of range for "
+                f"dimension {dim} of size {size}"
+            )
+        shape = list(x.shape)
+        shapes = []
+        for k in self.features.sizes:
+            shape[dim] = k
+            shapes.append(tuple(shape))
+        self.input_shape = tuple(x.shape)
+        if self.mask is None:
+            self.mask = [torch.ones((), dtype=x.dtype, device=x.device).expand(s) for s in shapes]
+
+    def aggregate_hook(self) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        fn = self.aggregate.fn
+        init = self.aggregate.init or torch.zeros_like
+        spec = self.features
+        if spec is None:
+
+            def aggregate_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0]
+                acc = self.data
+                if acc is None:
+                    self._first_input(x)
+                    acc = init(x)
+                self.data = fn(acc, x)
+
+            return aggregate_hook
+
+        self._build_indices()
+        dim = spec.dim
+        if self.fused:
+
+            def aggregate_features_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0]
+                acc = self.data
+                if acc is None:
+                    self._first_input(x)
+                index = self._index_on(x.device)
+                selected = x.index_select(dim, index)
+                self.data = fn(init(selected) if acc is None else acc, selected)
+
+            return aggregate_features_hook
+
+        def aggregate_each_feature_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            # A callable that is not known to be elementwise gets one call per
+            # feature, as torch.ao does; registered elementwise strategies avoid this.
+            x = args[0]
+            acc = self.data
+            if acc is None:
+                self._first_input(x)
+            self._index_on(x.device)
+            slices = [x.index_select(dim, index) for index in self._indices or ()]
+            if acc is None:
+                self.data = [fn(init(s), s) for s in slices]
+            else:
+                self.data = [fn(a, s) for a, s in zip(acc, slices, strict=True)]
+
+        return aggregate_each_feature_hook
+
+    def sparsify_hook(self) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+        self._applied = None
+        if self.features is None:
+
+            def sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+                x = args[0]
+                mask = self._applied
+                if mask is None or mask.device != x.device or mask.dtype != x.dtype:
+                    mask = self._applied = self.mask.to(device=x.device, dtype=x.dtype)
+                return (x * mask, *args[1:])
+
+            return sparsify_hook
+
+        self._build_indices()
+        dim = self.features.dim
+
+        def sparsify_features_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = args[0]
+            full = self._applied
+            if (
+                full is None
+                or full.device != x.device
+                or full.dtype != x.dtype
+                or full.ndim != x.ndim
+                or full.shape[dim] != x.shape[dim]
+            ):
+                full = self._applied = self._full_mask(x)
+            return (x * full, *args[1:])
+
+        return sparsify_features_hook
+
+    def _full_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """One mask over all of dim ``feature_dim``: the features' masks, ones elsewhere."""
+        spec = self.features
+        if spec is None:
+            return self.mask  # type: ignore[no-any-return]
+        ndim = x.ndim
+        dim = spec.dim % ndim
+        parts = []
+        for position, (mask, size) in enumerate(zip(self.mask, spec.sizes, strict=True)):
+            mask = mask.to(device=x.device, dtype=x.dtype)
+            if mask.ndim > ndim:
+                raise MaskError(
+                    f"layer {self.name!r}: the mask of features[{position}] has "
+                    f"{mask.ndim} dimensions, the input only {ndim}"
+                )
+            mask = mask.reshape((1,) * (ndim - mask.ndim) + tuple(mask.shape))
+            if mask.shape[dim] not in (1, size):
+                raise MaskError(
+                    f"layer {self.name!r}: the mask of features[{position}] has size "
+                    f"{mask.shape[dim]} along feature_dim, expected 1 or {size}"
+                )
+            parts.append(mask)
+        try:
+            common = list(
+                torch.broadcast_shapes(  # type: ignore[no-untyped-call]
+                    *((*p.shape[:dim], 1, *p.shape[dim + 1 :]) for p in parts)
+                )
+            )
+        except RuntimeError as exc:
+            raise MaskError(
+                f"layer {self.name!r}: the features' masks do not broadcast: {exc}"
+            ) from exc
+        expanded = []
+        for part, size in zip(parts, spec.sizes, strict=True):
+            common[dim] = size
+            expanded.append(part.expand(common))
+        common[dim] = x.shape[dim]
+        full = torch.ones(common, dtype=x.dtype, device=x.device)
+        full.index_copy_(dim, self._index_on(x.device), torch.cat(expanded, dim=dim))
+        return full
+
+    def attach(self, state: str) -> None:
+        """Attach the hook that ``state`` names (replacing any attached one)."""
+        self.detach()
+        if state == AGGREGATE:
+            self.handle = self.module.register_forward_pre_hook(self.aggregate_hook())
+        elif state == SPARSIFY:
+            self.handle = self.module.register_forward_pre_hook(self.sparsify_hook())
+        self.hook_state = state
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    # ------------------------------------------------------------------ step
+
+    def compute_mask(self) -> Any:
+        """The mask that step() stores, validated; nothing is changed here."""
+        data = self.data
+        finalize = self.aggregate.finalize
+        if self.features is None:
+            return self._mask_from(data, finalize, self.input_shape, None)
+        per_feature = self.exposed_data()
+        shapes = self._slice_shapes()
+        return [
+            self._mask_from(d, finalize, shapes[i] if shapes else None, i)
+            for i, d in enumerate(per_feature)
+        ]
+
+    def _slice_shapes(self) -> list[tuple[int, ...]] | None:
+        if self.input_shape is None or self.features is None:
+            return None
+        shape = list(self.input_shape)
+        out = []
+        for k in self.features.sizes:
+            shape[self.features.dim] = k
+            out.append(tuple(shape))
+        return out
+
+    def _mask_from(
+        self,
+        data: Any,
+        finalize: Callable[[Any], Any] | None,
+        target: tuple[int, ...] | None,
+        feature: int | None,
+    ) -> torch.Tensor:
+        where = f"layer {self.name!r}" + ("" if feature is None else f", features[{feature}]")
+        try:
+            if finalize is not None:
+                data = finalize(data)
+            reduced = self.reduce.fn(data)
+            mask = self.mask_strategy.fn(reduced, **self.config["sparse_config"])
+        except Exception as exc:
+            raise MaskError(
+                f"{where}: computing the mask with reduce {self.reduce.name!r} and mask "
+                f"{self.mask_strategy.name!r} failed: {exc!r}"
+            ) from exc
+        check_mask(mask, where=where, strategy=self.mask_strategy.name, target=target)
+        return cast(torch.Tensor, mask)
+
+
+def check_mask(mask: object, *, where: str, strategy: str, target: tuple[int, ...] | None) -> None:
+    """Raise MaskError unless ``mask`` is a {0, 1} tensor that broadcasts to ``target``."""
+    if not isinstance(mask, torch.Tensor):
+        raise MaskError(
+            f"{where}: mask strategy {strategy!r} returned {type(mask).__name__}, not a tensor"
+        )
+    if mask.dtype != torch.bool:
+        binary = bool(torch.logical_or(mask == 0, mask == 1).all())
+        if not binary:
+            raise MaskError(
+                f"{where}: mask strategy {strategy!r} returned values other than 0 and 1 (or NaN)"
+            )
+    if target is not None:
+        try:
+            shape = torch.broadcast_shapes(mask.shape, target)  # type: ignore[no-untyped-call]
+            ok = tuple(shape) == tuple(target)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise MaskError(
+                f"{where}: mask strategy {strategy!r} returned a mask of shape "
+                f"{tuple(mask.shape)}, which does not broadcast to the input's {tuple(target)}"
+            )

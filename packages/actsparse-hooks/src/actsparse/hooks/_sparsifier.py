@@ -1,0 +1,401 @@
+"""``ActivationSparsifier``: a drop-in replacement for torch.ao's experimental class."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from actsparse.core import (
+    CONFIG_KEYS,
+    HOOK_STATES,
+    ConfigError,
+    LayerNotFoundError,
+    MaskNotReadyError,
+    SerializationError,
+    StateError,
+    fqn_to_module,
+    get_registry,
+    module_to_fqn,
+)
+from actsparse.hooks._layer import AGGREGATE, DETACHED, SPARSIFY, Layer, resolve_config
+
+__all__ = ["STATE_FORMAT_VERSION", "ActivationSparsifier"]
+
+#: The version of the in-memory state dict layout; ``state_dict()`` writes it.
+STATE_FORMAT_VERSION = 1
+#: The serializer that converts masks between the runtime and the state dict.
+STATE_DICT_SERIALIZER = "sparse_coo"
+
+
+class _DataGroup(Mapping[str, Any]):
+    """Read-only mapping view of one registered layer (the data-group protocol)."""
+
+    __slots__ = ("_layer",)
+
+    def __init__(self, layer: Layer) -> None:
+        self._layer = layer
+
+    def _keys(self) -> list[str]:
+        keys = [*CONFIG_KEYS, "layer"]
+        if self._layer.handle is not None:
+            keys.append("hook")
+        keys.append("hook_state")
+        if self._layer.data is not None:
+            keys.append("data")
+        return keys
+
+    def __getitem__(self, key: str) -> Any:
+        layer = self._layer
+        if key in CONFIG_KEYS:
+            return copy.deepcopy(layer.config[key])
+        if key == "layer":
+            return layer.module
+        if key == "hook" and layer.handle is not None:
+            return layer.handle
+        if key == "hook_state":
+            return layer.hook_state
+        if key == "data" and layer.data is not None:
+            return layer.exposed_data()
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self.items() if k not in ("data", "hook", "layer")}
+        return f"DataGroup({self._layer.name!r}, {shown!r})"
+
+
+class ActivationSparsifier:
+    """Zero the small activations that enter chosen layers of a model.
+
+    It works like torch.ao's ``ActivationSparsifier``: register layers, run
+    forward passes (their inputs are aggregated), call :meth:`step` to compute
+    masks with ``mask_fn(reduce_fn(aggregated), **sparse_config)``, then
+    :meth:`squash_mask` to replace aggregation by a hook that multiplies each
+    layer's input by its mask. Wherever torch.ao takes a function, this class
+    also takes the name of a registered strategy (``"sum"``, ``"mean"``,
+    ``"magnitude"``, ...).
+
+    Args:
+        model: The model whose layers are sparsified.
+        aggregate_fn: Default aggregate: ``fn(accumulator, x) -> accumulator``, or a name.
+        reduce_fn: Default reduce: ``fn(aggregated) -> Tensor``, or a name.
+        mask_fn: Default mask: ``fn(reduced, **sparse_config) -> Tensor``, or a name.
+        features: Default feature selection along ``feature_dim``: a list whose
+            entries are an index or a list of indices; each gets its own mask.
+        feature_dim: The dimension of the input along which features are selected.
+        **sparse_config: Default keyword arguments for the mask function.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        aggregate_fn: Any = None,
+        reduce_fn: Any = None,
+        mask_fn: Any = None,
+        features: Any = None,
+        feature_dim: Any = None,
+        **sparse_config: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._defaults: dict[str, Any] = {
+            "aggregate_fn": aggregate_fn,
+            "reduce_fn": reduce_fn,
+            "mask_fn": mask_fn,
+            "features": features,
+            "feature_dim": feature_dim,
+            "sparse_config": sparse_config,
+        }
+        self._layers: dict[str, Layer] = {}
+
+    # ---------------------------------------------------------------- views
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The default configuration (a copy): the constructor's arguments."""
+        return copy.deepcopy(self._defaults)
+
+    @property
+    def data_groups(self) -> Mapping[str, Mapping[str, Any]]:
+        """Layer name -> read-only mapping of its configuration and state."""
+        return {name: _DataGroup(layer) for name, layer in self._layers.items()}
+
+    @property
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Layer name -> ``{"mask": mask}``; the mask is None until the layer sees an input."""
+        return {name: {"mask": layer.mask} for name, layer in self._layers.items()}
+
+    # ------------------------------------------------------------ registration
+
+    def register_layer(
+        self,
+        layer: nn.Module,
+        aggregate_fn: Any = None,
+        reduce_fn: Any = None,
+        mask_fn: Any = None,
+        features: Any = None,
+        feature_dim: Any = None,
+        **sparse_config: Any,
+    ) -> None:
+        """Register a submodule of the model; its inputs are aggregated from now on.
+
+        Arguments that are not None override the defaults; ``sparse_config``
+        updates the default one. Registering a registered layer again warns and
+        replaces it. Nothing changes if the configuration is invalid.
+        """
+        if not isinstance(layer, nn.Module):
+            raise ConfigError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
+        name = module_to_fqn(self.model, layer)
+        if name is None:
+            raise LayerNotFoundError(
+                f"layer {type(layer).__name__} is not a submodule of the model"
+            )
+        config = copy.deepcopy(self._defaults)
+        overrides = {
+            "aggregate_fn": aggregate_fn,
+            "reduce_fn": reduce_fn,
+            "mask_fn": mask_fn,
+            "features": features,
+            "feature_dim": feature_dim,
+        }
+        config.update((key, value) for key, value in overrides.items() if value is not None)
+        config["sparse_config"].update(copy.deepcopy(sparse_config))
+        new = self._build_layer(name, layer, config)
+        if name in self._layers:
+            warnings.warn(
+                f"layer {name!r} is already registered; replacing it with the new configuration",
+                stacklevel=2,
+            )
+            self._layers.pop(name).detach()
+        new.attach(AGGREGATE)
+        self._layers[name] = new
+
+    def _build_layer(self, name: str, module: nn.Module, config: dict[str, Any]) -> Layer:
+        aggregate, reduce, mask, spec = resolve_config(get_registry(), name, config)
+        return Layer(
+            name=name,
+            module=module,
+            config=config,
+            aggregate=aggregate,
+            reduce=reduce,
+            mask_strategy=mask,
+            features=spec,
+        )
+
+    def unregister_layer(self, name: str) -> None:
+        """Detach the layer's hook and forget it."""
+        layer = self._layer(name)
+        layer.detach()
+        del self._layers[name]
+
+    def _layer(self, name: str) -> Layer:
+        try:
+            return self._layers[name]
+        except (KeyError, TypeError):
+            known = ", ".join(map(repr, self._layers)) or "none"
+            raise LayerNotFoundError(
+                f"no layer named {name!r} is registered (registered: {known})"
+            ) from None
+
+    # -------------------------------------------------------------- masks
+
+    def get_mask(self, name: str | None = None, layer: nn.Module | None = None) -> Any:
+        """The layer's mask, by name or by module: a tensor, or a list per feature."""
+        if name is None:
+            if layer is None:
+                raise ConfigError("get_mask() needs a layer name or a layer module")
+            name = module_to_fqn(self.model, layer)
+            if name is None:
+                raise LayerNotFoundError(
+                    f"layer {type(layer).__name__} is not a submodule of the model"
+                )
+        mask = self._layer(name).mask
+        if mask is None:
+            raise MaskNotReadyError(
+                f"layer {name!r} has no mask yet: run a forward pass through it first"
+            )
+        return mask
+
+    def step(self) -> None:
+        """Compute every layer's mask from its aggregated data, then clear the data.
+
+        All masks are computed and checked before any is stored: if one layer
+        fails, no mask changes and the aggregated data is kept.
+        """
+        for name, layer in self._layers.items():
+            if layer.hook_state != AGGREGATE:
+                raise StateError(
+                    f"layer {name!r} is squashed (hook_state={layer.hook_state!r}); "
+                    "step() only runs while layers aggregate"
+                )
+            if layer.data is None:
+                raise StateError(
+                    f"layer {name!r} has no aggregated data: run forward passes through it "
+                    "before step()"
+                )
+        with torch.no_grad():
+            masks = {name: layer.compute_mask() for name, layer in self._layers.items()}
+        for name, layer in self._layers.items():
+            layer.mask = masks[name]
+            layer.data = None
+
+    def squash_mask(self, attach_sparsify_hook: bool = True, **kwargs: Any) -> None:
+        """Remove the aggregation hooks; with ``attach_sparsify_hook``, apply the masks.
+
+        After this, each layer sees ``input * mask`` (with features, only the
+        selected slices are multiplied). Every layer must have a mask.
+        """
+        if kwargs:
+            raise ConfigError(
+                f"squash_mask() got unexpected keyword argument(s) {', '.join(map(repr, kwargs))}"
+            )
+        if not isinstance(attach_sparsify_hook, bool):
+            raise ConfigError(f"attach_sparsify_hook must be a bool, got {attach_sparsify_hook!r}")
+        for name, layer in self._layers.items():
+            if layer.hook_state == SPARSIFY:
+                raise StateError(f"layer {name!r} is already squashed")
+            if layer.mask is None:
+                raise MaskNotReadyError(
+                    f"layer {name!r} has no mask: run forward passes and step() before "
+                    "squash_mask()"
+                )
+        for layer in self._layers.values():
+            layer.attach(SPARSIFY if attach_sparsify_hook else DETACHED)
+
+    # ----------------------------------------------------------- state dict
+
+    def _raw_state_dict(self) -> dict[str, Any]:
+        state = {}
+        data_groups = {}
+        for name, layer in self._layers.items():
+            mask = layer.mask
+            if isinstance(mask, list):
+                mask = [m.clone() for m in mask]
+            elif mask is not None:
+                mask = mask.clone()
+            state[name] = {"mask": mask}
+            group = layer.exposed_config()
+            group["hook_state"] = layer.hook_state
+            data = layer.exposed_data()
+            if data is not None:
+                group["data"] = (
+                    [d.clone() for d in data]
+                    if isinstance(data, list)
+                    else (data.clone() if isinstance(data, torch.Tensor) else copy.deepcopy(data))
+                )
+            data_groups[name] = group
+        return {
+            "state": state,
+            "data_groups": data_groups,
+            "defaults": self.defaults,
+            "format_version": STATE_FORMAT_VERSION,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sparsifier's state: ``{"state", "data_groups", "defaults", "format_version"}``.
+
+        Masks are sparse COO tensors, as torch.ao stores them; data groups hold
+        neither ``hook`` nor ``layer``. The conversion comes from the
+        ``sparse_coo`` serializer (``pip install actsparse-serialize``).
+        """
+        serializer = get_registry().get("serializer", STATE_DICT_SERIALIZER)
+        result: dict[str, Any] = serializer.dumps(self._raw_state_dict())
+        return result
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state dict taken from a sparsifier over the same architecture.
+
+        Layers are found by name in this sparsifier's model and get the hook
+        that their ``hook_state`` names. Everything is checked first: on error
+        the sparsifier and the model's hooks are unchanged.
+        """
+        serializer = get_registry().get("serializer", STATE_DICT_SERIALIZER)
+        sd = serializer.loads(state_dict)
+        version = sd.get("format_version", STATE_FORMAT_VERSION)
+        if version != STATE_FORMAT_VERSION:
+            raise SerializationError(
+                f"state dict format_version {version!r} is not supported "
+                f"(this actsparse reads {STATE_FORMAT_VERSION})"
+            )
+        defaults = sd["defaults"]
+        if not isinstance(defaults, Mapping) or set(defaults) != set(CONFIG_KEYS):
+            raise SerializationError(
+                f"state_dict['defaults'] must hold exactly the keys {', '.join(CONFIG_KEYS)}"
+            )
+        groups = sd["data_groups"]
+        state = sd["state"]
+        if not isinstance(groups, Mapping):
+            raise SerializationError("state_dict['data_groups'] must be a mapping")
+        extra = sorted(set(state) - set(groups))
+        if extra:
+            raise SerializationError(
+                f"state_dict['state'] names layers without a data group: {', '.join(extra)}"
+            )
+        new_layers: dict[str, Layer] = {}
+        for name, group in groups.items():
+            new_layers[name] = self._restore_layer(name, group, state.get(name, {}).get("mask"))
+        new_defaults = copy.deepcopy(dict(defaults))
+        # Everything is valid: swap.
+        for layer in self._layers.values():
+            layer.detach()
+        self._layers = {}
+        self._defaults = new_defaults
+        for name, layer in new_layers.items():
+            layer.attach(layer.hook_state)
+            self._layers[name] = layer
+
+    def _restore_layer(self, name: str, group: Any, mask: Any) -> Layer:
+        if not isinstance(group, Mapping):
+            raise SerializationError(f"data_groups[{name!r}] must be a mapping")
+        missing = [key for key in (*CONFIG_KEYS, "hook_state") if key not in group]
+        if missing:
+            raise SerializationError(
+                f"data_groups[{name!r}] lacks the key(s) {', '.join(map(repr, missing))}"
+            )
+        module = fqn_to_module(self.model, name) if isinstance(name, str) else None
+        if not isinstance(module, nn.Module):
+            raise LayerNotFoundError(f"layer {name!r} of the state dict is not in the model")
+        hook_state = group["hook_state"]
+        if hook_state not in HOOK_STATES:
+            raise SerializationError(
+                f"data_groups[{name!r}]['hook_state'] must be one of {HOOK_STATES}, "
+                f"got {hook_state!r}"
+            )
+        config = {key: copy.deepcopy(group[key]) for key in CONFIG_KEYS}
+        layer = self._build_layer(name, module, config)
+        if layer.features is not None and mask is not None:
+            if not isinstance(mask, list) or len(mask) != len(layer.features.groups):
+                raise SerializationError(
+                    f"the mask of layer {name!r} must be a list with one tensor per feature"
+                )
+        elif mask is not None and not isinstance(mask, torch.Tensor):
+            raise SerializationError(f"the mask of layer {name!r} must be a tensor")
+        if hook_state == SPARSIFY and mask is None:
+            raise SerializationError(f"layer {name!r} is squashed but its state holds no mask")
+        layer.mask = mask
+        layer.hook_state = hook_state
+        try:
+            layer.set_exposed_data(copy.deepcopy(group.get("data")))
+        except (ConfigError, RuntimeError) as exc:
+            raise SerializationError(
+                f"the data of layer {name!r} cannot be restored: {exc}"
+            ) from exc
+        return layer
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}("]
+        for name, layer in self._layers.items():
+            lines.append(f"  {name!r}: hook_state={layer.hook_state!r}, config={layer.config!r}")
+        lines.append(")")
+        return "\n".join(lines)
