@@ -122,7 +122,7 @@ print('serialize with core: ok')
 @nox.parametrize("package", list(PACKAGES))
 def isolated(session: nox.Session, package: str) -> None:
     """Install one distribution into a fresh venv with only core beside it; smoke test it."""
-    install(session, PACKAGES[package])
+    install(session, PACKAGES["core"], PACKAGES[package])
     installed = session.run("python", "-m", "pip", "list", "--format=freeze", silent=True)
     names = sorted(
         line.split("==")[0] for line in str(installed).splitlines() if line.startswith("actsparse")

@@ -243,7 +243,7 @@ class Layer:
         if spec is None:
 
             def aggregate_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = args[0]
+                x = args[0].detach()  # the accumulator never holds an autograd graph
                 acc = self.data
                 if acc is None:
                     self._first_input(x)
@@ -257,7 +257,7 @@ class Layer:
         if self.fused:
 
             def aggregate_features_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = args[0]
+                x = args[0].detach()
                 acc = self.data
                 if acc is None:
                     self._first_input(x)
@@ -270,7 +270,7 @@ class Layer:
         def aggregate_each_feature_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             # A callable that is not known to be elementwise gets one call per
             # feature, as torch.ao does; registered elementwise strategies avoid this.
-            x = args[0]
+            x = args[0].detach()
             acc = self.data
             if acc is None:
                 self._first_input(x)
