@@ -46,6 +46,17 @@ def _check_optional_callable(
         _check_callable(instance, attribute, value)
 
 
+def _of_type(kind: type) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(
+                f"{type(instance).__name__}.{attribute.name} must be a {kind.__name__}, "
+                f"got {value!r}"
+            )
+
+    return check
+
+
 def _to_keys(value: Iterable[str] | None) -> frozenset[str] | None:
     if value is None:
         return None
@@ -131,8 +142,8 @@ class AggregateStrategy:
     finalize: Callable[[Any], Any] | None = attrs.field(
         default=None, validator=_check_optional_callable
     )
-    elementwise: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    elementwise: bool = attrs.field(default=False, validator=_of_type(bool))
+    description: str = attrs.field(default="", validator=_of_type(str))
 
     def __call__(self, accumulator: Any, x: Any) -> Any:
         return self.fn(accumulator, x)
@@ -150,7 +161,7 @@ class ReduceStrategy:
 
     name: str = attrs.field(validator=_check_name)
     fn: Callable[[Any], Any] = attrs.field(validator=_check_callable)
-    description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    description: str = attrs.field(default="", validator=_of_type(str))
 
     def __call__(self, data: Any) -> Any:
         return self.fn(data)
@@ -177,7 +188,7 @@ class MaskStrategy:
     required: frozenset[str] = attrs.field(
         factory=frozenset, converter=_to_required, validator=_check_keys
     )
-    description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    description: str = attrs.field(default="", validator=_of_type(str))
 
     def __attrs_post_init__(self) -> None:
         if self.params is not None and not self.required <= self.params:
@@ -230,6 +241,6 @@ class Serializer:
     name: str = attrs.field(validator=_check_name)
     dumps: Callable[[Any], Any] = attrs.field(validator=_check_callable)
     loads: Callable[[Any], Any] = attrs.field(validator=_check_callable)
-    binary: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    suffix: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
-    description: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    binary: bool = attrs.field(default=False, validator=_of_type(bool))
+    suffix: str = attrs.field(default="", validator=_of_type(str))
+    description: str = attrs.field(default="", validator=_of_type(str))

@@ -146,7 +146,16 @@ class PluginManager(pluggy.PluginManager):
                     stacklevel=2,
                 )
                 continue
-            self.register(plugin, name=ep.name)
+            try:
+                self.register(plugin, name=ep.name)
+            except (pluggy.PluginValidationError, ValueError) as exc:
+                where = f"{ep.name!r} ({ep.value}) from {dist_name or 'an unknown distribution'}"
+                if dist_name in FIRST_PARTY_DISTRIBUTIONS:
+                    raise PluginError(f"built-in plugin {where} is invalid: {exc}") from exc
+                warnings.warn(
+                    f"actsparse: skipped plugin {where}: {exc}", PluginWarning, stacklevel=2
+                )
+                continue
             if dist is not None and dist_name is not None:
                 self.distributions[ep.name] = (dist_name, dist.version)
 
@@ -203,7 +212,10 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
     """
     with _lock:
         pm = get_plugin_manager()
-        registered = pm.register(plugin, name=name)
+        try:
+            registered = pm.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            raise PluginError(f"plugin {name or plugin!r} cannot be registered: {exc}") from exc
         if registered is None:
             raise PluginError(f"plugin {name or plugin!r} is blocked")
         try:
@@ -242,8 +254,8 @@ class Registry:
         registry = cls()
         for kind in KINDS.values():
             caller = getattr(pm.hook, kind.hook)
-            # Reverse pluggy's last-registered-first order: earlier plugins come first.
-            for impl in reversed(caller.get_hookimpls()):
+            # get_hookimpls() lists plugins in registration order.
+            for impl in caller.get_hookimpls():
                 dist = distributions.get(impl.plugin_name)
                 try:
                     result = impl.function()
