@@ -17,7 +17,13 @@ from actsparse.core._errors import (
     StateError,
     UnknownStrategyError,
 )
-from actsparse.core._fqn import fqn_to_module, module_to_fqn
+from actsparse.core._fqn import (
+    WRAPPER_ATTRIBUTES,
+    find_module,
+    fqn_to_module,
+    module_to_fqn,
+    normalize_fqn,
+)
 from actsparse.core._hookspecs import PROJECT_NAME, hookimpl, hookspec
 from actsparse.core._protocols import (
     CONFIG_KEYS,
@@ -85,7 +91,10 @@ __all__ = [
     "StateError",
     "UnknownStrategyError",
     "__version__",
+    "WRAPPER_ATTRIBUTES",
+    "find_module",
     "fqn_to_module",
+    "normalize_fqn",
     "hookimpl",
     "hookspec",
     "infer_params",

@@ -18,7 +18,7 @@ from actsparse.core import (
     MaskNotReadyError,
     SerializationError,
     StateError,
-    fqn_to_module,
+    find_module,
     get_registry,
     module_to_fqn,
 )
@@ -344,7 +344,13 @@ class ActivationSparsifier:
             )
         new_layers: dict[str, Layer] = {}
         for name, group in groups.items():
-            new_layers[name] = self._restore_layer(name, group, state.get(name, {}).get("mask"))
+            layer = self._restore_layer(name, group, state.get(name, {}).get("mask"))
+            if layer.name in new_layers:
+                raise SerializationError(
+                    f"the state dict's layer {name!r} and another one both resolve to the "
+                    f"model's layer {layer.name!r}"
+                )
+            new_layers[layer.name] = layer
         new_defaults = copy.deepcopy(dict(defaults))
         # Everything is valid: swap.
         for layer in self._layers.values():
@@ -363,9 +369,10 @@ class ActivationSparsifier:
             raise SerializationError(
                 f"data_groups[{name!r}] lacks the key(s) {', '.join(map(repr, missing))}"
             )
-        module = fqn_to_module(self.model, name) if isinstance(name, str) else None
-        if not isinstance(module, nn.Module):
+        found = find_module(self.model, name) if isinstance(name, str) else None
+        if found is None:
             raise LayerNotFoundError(f"layer {name!r} of the state dict is not in the model")
+        name, module = found
         hook_state = group["hook_state"]
         if hook_state not in HOOK_STATES:
             raise SerializationError(
