@@ -144,6 +144,7 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run every benchmark script bench/bench_*.py (not a test: it prints and writes JSON)."""
     install_workspace(session)
+    install(session, "numpy")  # torch warns on import without it
     out = ROOT / "bench-results"
     for script in sorted((ROOT / "bench").glob("bench_*.py")):
         session.run(

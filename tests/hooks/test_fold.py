@@ -245,3 +245,18 @@ def test_fold_rejects_a_non_bool_prune_and_changes_nothing() -> None:
     assert list(sparsifier.data_groups) == ["down"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_fold_after_load_state_dict_needs_one_forward_for_feature_layers() -> None:
+    model, sparsifier = run_seed_workflow(batches=2, batch_size=4)
+    fresh = copy.deepcopy(model)
+    for module in fresh.modules():
+        module._forward_pre_hooks.clear()
+    restored = ActivationSparsifier(fresh)
+    restored.load_state_dict(sparsifier.state_dict())
+    assert restored.fold() == []  # linear1's input rank is not known yet
+    with torch.no_grad():
+        fresh(torch.randn(2, 1, 28, 28))
+    hooked = copy.deepcopy(fresh)
+    assert restored.fold(prune=True) == ["linear1"]
+    assert_same_outputs(hooked, fresh, lambda: torch.randn(4, 1, 28, 28))
