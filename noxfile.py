@@ -138,3 +138,20 @@ def demo(session: nox.Session) -> None:
     """The main job: run the seed workflow on the seed CNN and print each layer's mask."""
     install_workspace(session)
     session.run("python", "-m", "actsparse.hooks", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run every benchmark script bench/bench_*.py (not a test: it prints and writes JSON)."""
+    install_workspace(session)
+    install(session, "numpy")  # torch warns on import without it
+    out = ROOT / "bench-results"
+    for script in sorted((ROOT / "bench").glob("bench_*.py")):
+        session.run(
+            "python",
+            str(script),
+            "--json",
+            str(out / f"{script.stem}.json"),
+            *session.posargs,
+            env={"OMP_NUM_THREADS": "1"},
+        )

@@ -6,8 +6,17 @@
 
 from __future__ import annotations
 
+from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
 from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION, ActivationSparsifier
 
 __version__ = "0.1.0"
 
-__all__ = ["STATE_FORMAT_VERSION", "ActivationSparsifier", "__version__"]
+__all__ = [
+    "STATE_FORMAT_VERSION",
+    "ActivationSparsifier",
+    "PrunedConv1d",
+    "PrunedConv2d",
+    "PrunedConv3d",
+    "PrunedLinear",
+    "__version__",
+]

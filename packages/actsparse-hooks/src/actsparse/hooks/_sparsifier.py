@@ -22,6 +22,7 @@ from actsparse.core import (
     get_registry,
     module_to_fqn,
 )
+from actsparse.hooks._fold import fold_layers
 from actsparse.hooks._layer import AGGREGATE, DETACHED, SPARSIFY, Layer, resolve_config
 
 __all__ = ["STATE_FORMAT_VERSION", "ActivationSparsifier"]
@@ -118,6 +119,7 @@ class ActivationSparsifier:
             "sparse_config": sparse_config,
         }
         self._layers: dict[str, Layer] = {}
+        self._folded: list[str] = []
 
     # ---------------------------------------------------------------- views
 
@@ -272,6 +274,38 @@ class ActivationSparsifier:
                 )
         for layer in self._layers.values():
             layer.attach(SPARSIFY if attach_sparsify_hook else DETACHED)
+
+    # --------------------------------------------------------------- folding
+
+    @property
+    def folded(self) -> tuple[str, ...]:
+        """The names of the layers that :meth:`fold` baked into the model, in order."""
+        return tuple(self._folded)
+
+    def fold(self, prune: bool = False) -> list[str]:
+        """Bake static per-input-feature masks into the weights and drop their hooks.
+
+        A squashed layer folds when it is an ``nn.Linear`` whose mask varies
+        only along the last input dimension, or an ``nn.Conv1d/2d/3d``
+        (``groups=1``) whose mask varies only along the input channels: its
+        weight columns (input channels) are multiplied by the mask. With
+        ``prune=True`` the input features whose mask is zero are removed: the
+        producing ``Linear``/``Conv`` loses those output rows when the input
+        comes straight from it through elementwise activations (found with
+        ``torch.fx``), otherwise the layer is replaced by a ``Pruned*`` layer
+        that gathers the kept features with one ``index_select``.
+
+        Folded layers are unregistered: they leave ``data_groups``, ``state``
+        and ``state_dict()``, and their names are added to :attr:`folded`.
+        Other layers keep their hooks. Returns the names folded by this call.
+        """
+        if not isinstance(prune, bool):
+            raise ConfigError(f"prune must be a bool, got {prune!r}")
+        names = fold_layers(self.model, self._layers, prune)
+        for name in names:
+            del self._layers[name]
+        self._folded.extend(names)
+        return names
 
     # ----------------------------------------------------------- state dict
 
