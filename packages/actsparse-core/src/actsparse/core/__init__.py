@@ -15,6 +15,7 @@ from actsparse.core._errors import (
     PluginError,
     SerializationError,
     StateError,
+    StrategyError,
     UnknownStrategyError,
 )
 from actsparse.core._fqn import fqn_to_module, module_to_fqn
@@ -83,6 +84,7 @@ __all__ = [
     "SerializationError",
     "Serializer",
     "StateError",
+    "StrategyError",
     "UnknownStrategyError",
     "__version__",
     "fqn_to_module",
