@@ -242,8 +242,9 @@ class Registry:
         registry = cls()
         for kind in KINDS.values():
             caller = getattr(pm.hook, kind.hook)
-            # Reverse pluggy's last-registered-first order: earlier plugins come first.
-            for impl in reversed(caller.get_hookimpls()):
+            # get_hookimpls() lists plugins in registration order (pluggy *calls*
+            # them last-registered first): the earlier plugin keeps a contested name.
+            for impl in caller.get_hookimpls():
                 dist = distributions.get(impl.plugin_name)
                 try:
                     result = impl.function()

@@ -26,6 +26,7 @@ from actsparse.core import (
     ReduceStrategy,
     Registry,
     StrategyError,
+    UnknownStrategyError,
 )
 
 AGGREGATE = "aggregate"
@@ -122,7 +123,7 @@ def resolve_config(
             )
         try:
             resolved.append(registry.resolve(kind, value, key=key))
-        except ConfigError as exc:
+        except (ConfigError, UnknownStrategyError) as exc:
             raise type(exc)(f"layer {layer!r}: {exc}") from None
     sparse_config = config["sparse_config"]
     if not isinstance(sparse_config, Mapping):
