@@ -290,7 +290,7 @@ CASES: dict[str, tuple[Callable[[], Scenario], type[Exception], type[Exception],
         "model must be a torch.nn.Module",
     ),
     "layer is not a module": (
-        lambda: _with_first_call(lambda m, s: s.register_layer("first")),
+        lambda: _with_first_call(lambda m, s: s.register_layer("first")),  # type: ignore[arg-type]
         ConfigError,
         AssertionError,
         "layer must be a torch.nn.Module, got str",

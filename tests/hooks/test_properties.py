@@ -114,7 +114,7 @@ def _layer_inputs(model: nn.Sequential, index: int, xs: list[torch.Tensor]) -> t
 
 def _masked(x: torch.Tensor, layer: LayerPlan, mask: Any) -> torch.Tensor:
     if layer.groups is None:
-        return x * mask
+        return x * torch.as_tensor(mask)
     out = x.clone()
     for group, m in zip(layer.groups, mask, strict=True):
         index = torch.tensor(group)
@@ -139,6 +139,7 @@ def test_a_squashed_layer_computes_the_layer_on_the_masked_input(plan: Plan) -> 
         if planned:
             name = str(position)
             expected_input = _masked(hidden, planned[0], s.get_mask(name))
+            assert isinstance(module, nn.Linear)
             expected = nn.functional.linear(expected_input, module.weight, module.bias)
             torch.testing.assert_close(module(hidden), expected)
         hidden = module(hidden)
