@@ -17,6 +17,7 @@ from actsparse.core import (
     PluginError,
     SerializationError,
     StateError,
+    StrategyError,
     UnknownStrategyError,
 )
 
@@ -31,6 +32,7 @@ DOCUMENTED_BASES: dict[type[ActsparseError], tuple[type[BaseException], ...]] = 
     DuplicateStrategyError: (ValueError,),
     PluginError: (RuntimeError,),
     SerializationError: (ValueError,),
+    StrategyError: (RuntimeError,),
 }
 
 KEY_ERRORS = [cls for cls, bases in DOCUMENTED_BASES.items() if KeyError in bases]

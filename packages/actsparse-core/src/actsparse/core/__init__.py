@@ -15,6 +15,7 @@ from actsparse.core._errors import (
     PluginError,
     SerializationError,
     StateError,
+    StrategyError,
     UnknownStrategyError,
 )
 from actsparse.core._fqn import (
@@ -89,6 +90,7 @@ __all__ = [
     "SerializationError",
     "Serializer",
     "StateError",
+    "StrategyError",
     "UnknownStrategyError",
     "__version__",
     "WRAPPER_ATTRIBUTES",

@@ -18,6 +18,7 @@ __all__ = [
     "PluginError",
     "SerializationError",
     "StateError",
+    "StrategyError",
     "UnknownStrategyError",
 ]
 
@@ -56,6 +57,15 @@ class StateError(ActsparseError, RuntimeError, KeyError):
 
     For example ``step()`` before any forward pass (torch.ao raised
     ``KeyError``), or ``squash_mask()`` twice.
+    """
+
+
+class StrategyError(ActsparseError, RuntimeError):
+    """A strategy raised while a hook ran it during a forward pass.
+
+    The message names the layer and the strategy; the strategy's own exception
+    is chained as ``__cause__``. torch.ao let the strategy's exception through
+    unchanged; most of those (torch's own) are ``RuntimeError``.
     """
 
 

@@ -254,7 +254,8 @@ class Registry:
         registry = cls()
         for kind in KINDS.values():
             caller = getattr(pm.hook, kind.hook)
-            # get_hookimpls() lists plugins in registration order.
+            # get_hookimpls() lists plugins in registration order (pluggy *calls*
+            # them last-registered first): the earlier plugin keeps a contested name.
             for impl in caller.get_hookimpls():
                 dist = distributions.get(impl.plugin_name)
                 try:

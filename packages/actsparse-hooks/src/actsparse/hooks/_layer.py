@@ -25,6 +25,8 @@ from actsparse.core import (
     MaskStrategy,
     ReduceStrategy,
     Registry,
+    StrategyError,
+    UnknownStrategyError,
 )
 
 AGGREGATE = "aggregate"
@@ -121,7 +123,7 @@ def resolve_config(
             )
         try:
             resolved.append(registry.resolve(kind, value, key=key))
-        except ConfigError as exc:
+        except (ConfigError, UnknownStrategyError) as exc:
             raise type(exc)(f"layer {layer!r}: {exc}") from None
     sparse_config = config["sparse_config"]
     if not isinstance(sparse_config, Mapping):
@@ -207,12 +209,9 @@ class Layer:
         self._index = torch.cat(self._indices) if groups else torch.empty(0, dtype=torch.long)
         return self._index
 
-    def _first_input(self, x: torch.Tensor) -> None:
-        """Checks and bookkeeping on the first input after registration or step()."""
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Check the first input after registration or step() against the features."""
         if self.features is None:
-            self.input_shape = tuple(x.shape)
-            if self.mask is None:
-                self.mask = _ones_placeholder(x)
             return
         dim = self.features.dim
         if not -x.ndim <= dim < x.ndim:
@@ -227,14 +226,41 @@ class Layer:
                 f"layer {self.name!r}: feature index {too_big[0]} is out of range for "
                 f"dimension {dim} of size {size}"
             )
-        shape = list(x.shape)
-        shapes = []
-        for k in self.features.sizes:
-            shape[dim] = k
-            shapes.append(tuple(shape))
+
+    def _first_input(self, x: torch.Tensor) -> None:
+        """Bookkeeping on the first input, once it is checked and aggregated."""
         self.input_shape = tuple(x.shape)
-        if self.mask is None:
-            self.mask = [torch.ones((), dtype=x.dtype, device=x.device).expand(s) for s in shapes]
+        if self.mask is not None:
+            return
+        # Never keep an inference tensor as the mask: autograd could not save it
+        # when the model later runs with gradients.
+        with torch.inference_mode(False):
+            if self.features is None:
+                self.mask = _ones_placeholder(x)
+                return
+            shape = list(x.shape)
+            masks = []
+            for k in self.features.sizes:
+                shape[self.features.dim] = k
+                masks.append(torch.ones((), dtype=x.dtype, device=x.device).expand(shape))
+            self.mask = masks
+
+    def _strategy_failed(self, exc: Exception) -> StrategyError:
+        return StrategyError(
+            f"layer {self.name!r}: aggregate strategy {self.aggregate.name!r} raised during "
+            f"the forward pass: {exc!r}; the layer's aggregated data and mask are unchanged"
+        )
+
+    def _check_elementwise(self, new: Any, selected: torch.Tensor) -> None:
+        shape = getattr(new, "shape", None)
+        if shape is None or tuple(shape) != tuple(selected.shape):
+            got = "no tensor" if shape is None else f"shape {tuple(shape)}"
+            raise ConfigError(
+                f"layer {self.name!r}: aggregate strategy {self.aggregate.name!r} is marked "
+                f"elementwise but returned {got} for the selected features of shape "
+                f"{tuple(selected.shape)}; an aggregate that changes the shape must be "
+                "registered with elementwise=False"
+            )
 
     def aggregate_hook(self) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         fn = self.aggregate.fn
@@ -245,10 +271,14 @@ class Layer:
             def aggregate_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0].detach()  # the accumulator never holds an autograd graph
                 acc = self.data
+                # Compute first, then commit: a raising strategy changes nothing.
+                try:
+                    new = fn(init(x) if acc is None else acc, x)
+                except Exception as exc:
+                    raise self._strategy_failed(exc) from exc
                 if acc is None:
                     self._first_input(x)
-                    acc = init(x)
-                self.data = fn(acc, x)
+                self.data = new
 
             return aggregate_hook
 
@@ -260,10 +290,17 @@ class Layer:
                 x = args[0].detach()
                 acc = self.data
                 if acc is None:
-                    self._first_input(x)
+                    self._check_input(x)
                 index = self._index_on(x.device)
                 selected = x.index_select(dim, index)
-                self.data = fn(init(selected) if acc is None else acc, selected)
+                try:
+                    new = fn(init(selected) if acc is None else acc, selected)
+                except Exception as exc:
+                    raise self._strategy_failed(exc) from exc
+                if acc is None:
+                    self._check_elementwise(new, selected)
+                    self._first_input(x)
+                self.data = new
 
             return aggregate_features_hook
 
@@ -273,13 +310,19 @@ class Layer:
             x = args[0].detach()
             acc = self.data
             if acc is None:
-                self._first_input(x)
+                self._check_input(x)
             self._index_on(x.device)
             slices = [x.index_select(dim, index) for index in self._indices or ()]
+            try:
+                if acc is None:
+                    new = [fn(init(s), s) for s in slices]
+                else:
+                    new = [fn(a, s) for a, s in zip(acc, slices, strict=True)]
+            except Exception as exc:
+                raise self._strategy_failed(exc) from exc
             if acc is None:
-                self.data = [fn(init(s), s) for s in slices]
-            else:
-                self.data = [fn(a, s) for a, s in zip(acc, slices, strict=True)]
+                self._first_input(x)
+            self.data = new
 
         return aggregate_each_feature_hook
 
@@ -291,7 +334,7 @@ class Layer:
                 x = args[0]
                 mask = self._applied
                 if mask is None or mask.device != x.device or mask.dtype != x.dtype:
-                    mask = self._applied = self.mask.to(device=x.device, dtype=x.dtype)
+                    mask = self._applied = self._mask_for(x)
                 return (x * mask, *args[1:])
 
             return sparsify_hook
@@ -309,10 +352,37 @@ class Layer:
                 or full.ndim != x.ndim
                 or full.shape[dim] != x.shape[dim]
             ):
-                full = self._applied = self._full_mask(x)
+                full = self._applied = self._mask_for(x)
             return (x * full, *args[1:])
 
         return sparsify_features_hook
+
+    def _mask_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask as the sparsify hook applies it to ``x``; built when the cache misses.
+
+        It is never an inference tensor (autograd may have to save it later):
+        stored masks never are, and new ones are built outside inference mode.
+        It must broadcast to ``x`` without growing it.
+        """
+        mask: torch.Tensor
+        with torch.inference_mode(False):
+            if self.features is None:
+                mask = self.mask.to(device=x.device, dtype=x.dtype)
+            else:
+                mask = self._full_mask(x)
+        try:
+            shape: tuple[int, ...] | None = tuple(
+                torch.broadcast_shapes(mask.shape, x.shape)  # type: ignore[no-untyped-call]
+            )
+        except RuntimeError:
+            shape = None
+        if shape != tuple(x.shape):
+            raise MaskError(
+                f"layer {self.name!r}: its mask of shape {tuple(mask.shape)} does not "
+                f"broadcast to the input of shape {tuple(x.shape)}; load masks only into "
+                "a model of the same architecture and feed inputs of the calibrated shape"
+            )
+        return mask
 
     def _full_mask(self, x: torch.Tensor) -> torch.Tensor:
         """One mask over all of dim ``feature_dim``: the features' masks, ones elsewhere."""
@@ -406,6 +476,13 @@ class Layer:
             if finalize is not None:
                 data = finalize(data)
             reduced = self.reduce.fn(data)
+        except Exception as exc:
+            raise MaskError(
+                f"{where}: computing the mask with reduce {self.reduce.name!r} and mask "
+                f"{self.mask_strategy.name!r} failed: {exc!r}"
+            ) from exc
+        self._check_finite(reduced, where)
+        try:
             mask = self.mask_strategy.fn(reduced, **self.config["sparse_config"])
         except Exception as exc:
             raise MaskError(
@@ -413,21 +490,61 @@ class Layer:
                 f"{self.mask_strategy.name!r} failed: {exc!r}"
             ) from exc
         check_mask(mask, where=where, strategy=self.mask_strategy.name, target=target)
-        return cast(torch.Tensor, mask)
+        checked = cast(torch.Tensor, mask)
+        if checked.is_inference():  # computed in inference mode: autograd may need it later
+            with torch.inference_mode(False):
+                checked = checked.clone()
+        return checked
+
+    def _check_finite(self, reduced: object, where: str) -> None:
+        """Refuse to compute a mask from NaN or Inf: its choice would be arbitrary."""
+        if (
+            not isinstance(reduced, torch.Tensor)
+            or not (reduced.is_floating_point() or reduced.is_complex())
+            or reduced.is_meta
+            or reduced.layout != torch.strided
+        ):
+            return
+        finite = torch.isfinite(reduced)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - int(finite.sum()))
+            raise MaskError(
+                f"{where}: the data that reduce {self.reduce.name!r} returned holds {bad} NaN "
+                f"or Inf value(s) of {finite.numel()}; the calibration inputs (or an fp16 "
+                "accumulator that overflowed) were not finite. No mask was stored: register "
+                "the layer again to restart its aggregation"
+            )
 
 
-def check_mask(mask: object, *, where: str, strategy: str, target: tuple[int, ...] | None) -> None:
-    """Raise MaskError unless ``mask`` is a {0, 1} tensor that broadcasts to ``target``."""
+def check_mask(
+    mask: object,
+    *,
+    where: str,
+    strategy: str,
+    target: tuple[int, ...] | None,
+    origin: str | None = None,
+) -> None:
+    """Raise MaskError unless ``mask`` is a dense {0, 1} tensor that broadcasts to ``target``.
+
+    ``origin`` says where the mask came from in messages; by default the mask
+    strategy ``strategy`` returned it.
+    """
+    source = origin or f"mask strategy {strategy!r} returned"
     if not isinstance(mask, torch.Tensor):
+        raise MaskError(f"{where}: {source} {type(mask).__name__}, not a tensor")
+    if mask.layout != torch.strided:
+        raise MaskError(f"{where}: {source} a {mask.layout} tensor; masks must be dense")
+    if mask.is_meta:
         raise MaskError(
-            f"{where}: mask strategy {strategy!r} returned {type(mask).__name__}, not a tensor"
+            f"{where}: {source} a tensor on the meta device, which holds no values; "
+            "calibrate on a device with data"
         )
+    if mask.is_complex():
+        raise MaskError(f"{where}: {source} a {mask.dtype} tensor; masks must be real")
     if mask.dtype != torch.bool:
         binary = bool(torch.logical_or(mask == 0, mask == 1).all())
         if not binary:
-            raise MaskError(
-                f"{where}: mask strategy {strategy!r} returned values other than 0 and 1 (or NaN)"
-            )
+            raise MaskError(f"{where}: {source} values other than 0 and 1 (or NaN)")
     if target is not None:
         try:
             shape = torch.broadcast_shapes(mask.shape, target)  # type: ignore[no-untyped-call]
@@ -436,6 +553,6 @@ def check_mask(mask: object, *, where: str, strategy: str, target: tuple[int, ..
             ok = False
         if not ok:
             raise MaskError(
-                f"{where}: mask strategy {strategy!r} returned a mask of shape "
-                f"{tuple(mask.shape)}, which does not broadcast to the input's {tuple(target)}"
+                f"{where}: {source} a mask of shape {tuple(mask.shape)}, which does not "
+                f"broadcast to the input's {tuple(target)}"
             )

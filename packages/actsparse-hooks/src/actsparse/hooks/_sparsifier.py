@@ -23,7 +23,14 @@ from actsparse.core import (
     module_to_fqn,
 )
 from actsparse.hooks._fold import fold_layers
-from actsparse.hooks._layer import AGGREGATE, DETACHED, SPARSIFY, Layer, resolve_config
+from actsparse.hooks._layer import (
+    AGGREGATE,
+    DETACHED,
+    SPARSIFY,
+    Layer,
+    check_mask,
+    resolve_config,
+)
 
 __all__ = ["STATE_FORMAT_VERSION", "ActivationSparsifier"]
 
@@ -73,6 +80,46 @@ class _DataGroup(Mapping[str, Any]):
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.items() if k not in ("data", "hook", "layer")}
         return f"DataGroup({self._layer.name!r}, {shown!r})"
+
+
+def _not_inference(mask: Any) -> Any:
+    """``mask`` with inference tensors cloned (``load_state_dict`` in inference mode)."""
+    with torch.inference_mode(False):
+        if isinstance(mask, list):
+            return [_not_inference(m) for m in mask]
+        if isinstance(mask, torch.Tensor) and mask.is_inference():
+            return mask.clone()
+        return mask
+
+
+def _check_restored_masks(layer: Layer) -> None:
+    """Refuse masks that are not dense {0, 1} tensors, or that do not fit the restored data.
+
+    The data of an elementwise aggregate has the input's shape, so a mask
+    must broadcast to it; without data the shape is checked on the first
+    forward pass.
+    """
+    mask = layer.mask
+    if mask is None:
+        return
+    masks = mask if isinstance(mask, list) else [mask]
+    data = layer.exposed_data()
+    shaped = data is not None and layer.aggregate.elementwise and layer.aggregate.init is None
+    datas = data if isinstance(data, list) else [data]
+    for position, m in enumerate(masks):
+        where = f"layer {layer.name!r}" + (
+            "" if layer.features is None else f", features[{position}]"
+        )
+        target = None
+        if shaped and isinstance(datas[position], torch.Tensor):
+            target = tuple(datas[position].shape)
+        check_mask(
+            m,
+            where=where,
+            strategy=layer.mask_strategy.name,
+            target=target,
+            origin="the state dict holds",
+        )
 
 
 class ActivationSparsifier:
@@ -246,7 +293,8 @@ class ActivationSparsifier:
                     f"layer {name!r} has no aggregated data: run forward passes through it "
                     "before step()"
                 )
-        with torch.no_grad():
+        # Masks are never inference tensors, even when step() runs in inference mode.
+        with torch.no_grad(), torch.inference_mode(False):
             masks = {name: layer.compute_mask() for name, layer in self._layers.items()}
         for name, layer in self._layers.items():
             layer.mask = masks[name]
@@ -424,7 +472,7 @@ class ActivationSparsifier:
             raise SerializationError(f"the mask of layer {name!r} must be a tensor")
         if hook_state == SPARSIFY and mask is None:
             raise SerializationError(f"layer {name!r} is squashed but its state holds no mask")
-        layer.mask = mask
+        layer.mask = _not_inference(mask)
         layer.hook_state = hook_state
         try:
             layer.set_exposed_data(copy.deepcopy(group.get("data")))
@@ -432,6 +480,7 @@ class ActivationSparsifier:
             raise SerializationError(
                 f"the data of layer {name!r} cannot be restored: {exc}"
             ) from exc
+        _check_restored_masks(layer)
         return layer
 
     def __repr__(self) -> str:
