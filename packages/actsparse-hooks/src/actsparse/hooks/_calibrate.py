@@ -81,7 +81,7 @@ def _progress_class(progress: object) -> Any:
     elif progress is not True:
         raise ConfigError(f"progress must be True, False or None, got {progress!r}")
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped, import-not-found, unused-ignore]
     except ImportError:
         if progress is True:
             raise ConfigError(
