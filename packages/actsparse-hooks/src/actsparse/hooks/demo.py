@@ -406,7 +406,8 @@ def run_demo(
     elapsed = time.perf_counter() - start
     saved_row = next(row for row in rows if row.level == chosen)
     echo(
-        f"saved the sparsest level within {tolerance:.1%} of dense accuracy: level {chosen:.0%} "
+        f"saved the sparsest level within {100 * tolerance:g} percentage point(s) of dense "
+        f"accuracy: level {chosen:.0%} "
         f"({saved_row.overall_sparsity:.1%} of activations zero, test accuracy "
         f"{saved_row.accuracy:.1%})"
     )
