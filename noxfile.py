@@ -36,7 +36,7 @@ DOCS_DEPS = (
     "mkdocstrings-python==2.0.11",
 )
 
-nox.options.sessions = ["lint", "typecheck", "tests", "isolated"]
+nox.options.sessions = ["lint", "typecheck", "tests", "isolated", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -119,6 +119,9 @@ except c.UnknownStrategyError as e:
     assert 'pip install actsparse-serialize' in str(e), e
 else:
     raise SystemExit('state_dict without actsparse-serialize did not raise')
+from actsparse.hooks.cli import main
+assert main(['plugins']) == 0
+assert main(['demo', '--quick', '--out', 'never-written']) == 1  # the [demo] extra is absent
 print('hooks with core: ok')
 """,
     "serialize": """

@@ -284,3 +284,18 @@ def test_demo_quick_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     mask = sparsifier.get_mask("fc1")
     assert isinstance(mask, torch.Tensor)
     assert float((mask == 0).float().mean()) == pytest.approx(saved, abs=1 / mask.numel())
+
+
+def test_heavy_packages_load_only_when_a_command_needs_them() -> None:
+    # (tqdm is left out: torch itself imports it when it is installed)
+    code = (
+        "import sys\n"
+        "from actsparse.hooks import cli, demo\n"
+        "assert cli.main(['plugins', '--kind', 'mask']) == 0\n"
+        "heavy = sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
