@@ -299,3 +299,59 @@ def test_heavy_packages_load_only_when_a_command_needs_them() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def _command_raising(exc: BaseException) -> cli.Command:
+    def run(args: Any) -> int:
+        raise exc
+
+    return cli.Command(name="boom", help="fails", configure=lambda parser: None, run=run)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "message"),
+    [
+        (core.StateError("step() before any forward pass"), 1, "actsparse boom: error: step()"),
+        (cli.CommandFailed("cannot go on"), 1, "actsparse boom: error: cannot go on"),
+        (KeyboardInterrupt(), 130, "actsparse boom: interrupted"),
+    ],
+)
+def test_failures_are_messages_with_an_exit_status(
+    exc: BaseException,
+    code: int,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cli, "COMMANDS", (_command_raising(exc),))
+    got, _, err = run(["boom"], capsys)
+    assert got == code
+    assert err.startswith(message)
+    assert_no_traceback(err)
+
+
+def test_an_unexpected_bug_still_shows_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "COMMANDS", (_command_raising(ZeroDivisionError("bug")),))
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["boom"])
+
+
+def test_demo_out_cannot_be_created(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(["demo", "--quick", "--out", str(blocker / "sub")], capsys)
+    assert code == 1
+    assert "cannot write to" in err
+    assert_no_traceback(err)
+
+
+def test_demo_fails_when_reloaded_outputs_differ(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    different = demo.DemoResult(
+        dense_accuracy=0.9, rows=(), saved_level=0.0, files={}, identical=False, elapsed=0.0
+    )
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: different)
+    code, _, err = run(["demo", "--quick", "--out", str(tmp_path)], capsys)
+    assert code == 1
+    assert "different outputs" in err

@@ -288,8 +288,10 @@ def _versions() -> str:
     return ", ".join(found) or "no actsparse distribution installed"
 
 
-def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
-    """The ``actsparse`` parser with one subparser per command."""
+def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
+    """The ``actsparse`` parser with one subparser per command (default: :data:`COMMANDS`)."""
+    if commands is None:
+        commands = COMMANDS
     parser = argparse.ArgumentParser(
         prog=PROG, description="Activation sparsity for PyTorch: the command line."
     )
