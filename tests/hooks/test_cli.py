@@ -120,6 +120,11 @@ def test_plugins_json_matches_the_registry(capsys: pytest.CaptureFixture[str]) -
     assert magnitude["version"] == importlib.metadata.version("actsparse-masks")
     assert magnitude["params"] == ["sparsity_level"]
     assert magnitude["required"] == ["sparsity_level"]
+    total = next(row for row in rows if row["kind"] == "aggregate" and row["name"] == "sum")
+    assert total["elementwise"] is True
+    coo = next(row for row in rows if row["name"] == "sparse_coo")
+    assert coo["binary"] is False
+    assert coo["parameters"] == "in-memory"
 
 
 def test_plugins_kind_filter(capsys: pytest.CaptureFixture[str]) -> None:

@@ -88,6 +88,14 @@ def _parameters(kind: str, record: Any) -> str:
     return "-"
 
 
+_DETAILS_HEADER = {
+    "aggregate": "properties",
+    "reduce": "properties",
+    "mask": "parameters (sparse_config)",
+    "serializer": "format",
+}
+
+
 def _plugin_rows(kinds: Sequence[str]) -> list[dict[str, Any]]:
     from actsparse.core import get_registry
 
@@ -108,6 +116,11 @@ def _plugin_rows(kinds: Sequence[str]) -> list[dict[str, Any]]:
             if kind == "mask":
                 row["params"] = None if record.params is None else sorted(record.params)
                 row["required"] = sorted(record.required)
+            elif kind == "aggregate":
+                row["elementwise"] = record.elementwise
+            elif kind == "serializer":
+                row["binary"] = record.binary
+                row["suffix"] = record.suffix
             rows.append(row)
     return rows
 
@@ -141,7 +154,7 @@ def _run_plugins(args: argparse.Namespace) -> int:
         if not table:
             print(f"  (none registered: pip install {info.package})")
             continue
-        header = ("name", "provided by", "parameters", "description")
+        header = ("name", "provided by", _DETAILS_HEADER.get(kind, "details"), "description")
         widths = [max(len(str(r[i])) for r in (header, *table)) for i in range(3)]
         for cells in (header, *table):
             line = "  ".join(
