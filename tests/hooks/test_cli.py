@@ -360,3 +360,23 @@ def test_demo_fails_when_reloaded_outputs_differ(
     code, _, err = run(["demo", "--quick", "--out", str(tmp_path)], capsys)
     assert code == 1
     assert "different outputs" in err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"levels": []}, "levels"),
+        ({"levels": [0.5, 2]}, "levels"),
+        ({"levels": [0.5, 0.5]}, "levels"),
+        ({"tolerance": 5}, "tolerance"),
+        ({"tolerance": "1"}, "tolerance"),
+    ],
+)
+def test_run_demo_rejects_bad_arguments_before_writing(
+    kwargs: dict[str, Any], field: str, tmp_path: Path
+) -> None:
+    with pytest.raises(core.ConfigError, match=field):
+        demo.run_demo(out=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()

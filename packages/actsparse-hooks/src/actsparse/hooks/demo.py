@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.core import ActsparseError, get_registry
+from actsparse.core import ActsparseError, ConfigError, get_registry
 from actsparse.hooks._calibrate import calibrate
 from actsparse.hooks._sparsifier import ActivationSparsifier
 
@@ -139,6 +139,25 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _check_arguments(
+    *, epochs: object, levels: Sequence[object], batch_size: object, tolerance: object
+) -> None:
+    for field, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{field} must be a positive int, got {value!r}")
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
+        raise ConfigError(f"levels must be a non-empty sequence of numbers, got {levels!r}")
+    for level in levels:
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 <= level <= 1:
+            raise ConfigError(f"levels must hold numbers in [0, 1], got {level!r}")
+    if len(set(levels)) != len(levels):
+        raise ConfigError(f"levels must not repeat a value, got {list(levels)!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise ConfigError(f"tolerance must be a number, got {tolerance!r}")
+    if not 0 <= tolerance <= 1:
+        raise ConfigError(f"tolerance must lie in [0, 1] (a fraction), got {tolerance!r}")
 
 
 def _require_dependencies() -> None:
@@ -326,6 +345,7 @@ def run_demo(
         progress: Passed to :func:`~actsparse.hooks.calibrate`.
         echo: Where the report lines go.
     """
+    _check_arguments(epochs=epochs, levels=levels, batch_size=batch_size, tolerance=tolerance)
     start = time.perf_counter()
     _require_dependencies()
     out.mkdir(parents=True, exist_ok=True)
