@@ -1,11 +1,15 @@
 """actsparse.hooks: the hook-based torch runtime.
 
 :class:`ActivationSparsifier` is a drop-in replacement for
-``torch.ao.pruning._experimental.activation_sparsifier.ActivationSparsifier``.
+``torch.ao.pruning._experimental.activation_sparsifier.ActivationSparsifier``;
+:func:`calibrate` runs a model over calibration batches, with a progress bar
+and a step count or time budget. The ``actsparse`` command line lives in
+:mod:`actsparse.hooks.cli`.
 """
 
 from __future__ import annotations
 
+from actsparse.hooks._calibrate import CalibrationSummary, calibrate
 from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
 from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION, ActivationSparsifier
 
@@ -14,9 +18,11 @@ __version__ = "0.1.0"
 __all__ = [
     "STATE_FORMAT_VERSION",
     "ActivationSparsifier",
+    "CalibrationSummary",
     "PrunedConv1d",
     "PrunedConv2d",
     "PrunedConv3d",
     "PrunedLinear",
     "__version__",
+    "calibrate",
 ]
