@@ -28,6 +28,8 @@ __all__ = ["STRATEGY_KEYS", "Decoder", "Encoder", "named_state_dict"]
 STRATEGY_KEYS = {"aggregate_fn": "aggregate", "reduce_fn": "reduce", "mask_fn": "mask"}
 _RECORDS = {"aggregate": "AggregateStrategy", "reduce": "ReduceStrategy", "mask": "MaskStrategy"}
 _MAX_DEPTH = 64
+#: Integers in a file are signed 64-bit, like torch's and safetensors' own.
+_INT_RANGE = range(-(2**63), 2**63)
 
 
 def strategy_name(value: object, *, kind: str, where: str, key: str) -> str | None:
@@ -94,6 +96,8 @@ class Encoder:
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, int):
+            if value not in _INT_RANGE:
+                raise SerializationError(f"{path}: {value} does not fit in a signed 64-bit int")
             return int(value)
         if isinstance(value, float):
             return value if math.isfinite(value) else {"$float": repr(value)}
@@ -177,6 +181,8 @@ class Decoder:
     def value(self, value: Any, path: str, depth: int = 0) -> Any:
         if depth > _MAX_DEPTH:
             raise SerializationError(f"{path}: nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(value, int) and not isinstance(value, bool) and value not in _INT_RANGE:
+            raise SerializationError(f"{path}: {value} does not fit in a signed 64-bit int")
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if isinstance(value, list):

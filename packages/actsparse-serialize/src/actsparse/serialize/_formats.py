@@ -113,15 +113,25 @@ def torch_dumps(state_dict: object) -> bytes:
     """A ``torch.save`` file that ``torch.load(..., weights_only=True)`` reads.
 
     It holds ``{"format": "actsparse-torch", "format_version": 1, "state_dict":
-    ...}``: the state dict with dense masks and strategy names.
+    ..., "checksum": ...}``: the state dict with dense masks and strategy
+    names, and the SHA-256 of its default-format encoding, so that a damaged
+    file is detected on load.
     """
     sd = named_state_dict(state_dict)
-    Encoder().state_dict(sd)  # refuses anything but plain data and tensors, naming it
+    payload = {
+        "format": TORCH_FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "state_dict": sd,
+        # also refuses anything but plain data and tensors, naming it
+        "checksum": _torch_checksum(sd),
+    }
     buffer = io.BytesIO()
-    torch.save(
-        {"format": TORCH_FORMAT_NAME, "format_version": FORMAT_VERSION, "state_dict": sd}, buffer
-    )
+    torch.save(payload, buffer)
     return buffer.getvalue()
+
+
+def _torch_checksum(state_dict: Mapping[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(safetensors_dumps(state_dict)).hexdigest()
 
 
 def torch_loads(buf: bytes | bytearray) -> dict[str, Any]:
@@ -151,4 +161,6 @@ def torch_loads(buf: bytes | bytearray) -> dict[str, Any]:
     if not isinstance(sd, dict) or any(key not in sd for key in STATE_KEYS):
         raise SerializationError(f"the file's state_dict lacks one of {', '.join(STATE_KEYS)}")
     check_loaded(sd)
+    if payload.get("checksum") != _torch_checksum(sd):
+        raise SerializationError("the checksum does not match the contents: the file is corrupted")
     return sd
