@@ -19,7 +19,8 @@ PACKAGES = {
     for name in ("core", "masks", "hooks", "serialize")
 }
 FIXTURE_PLUGIN = str(ROOT / "tests" / "fixtures" / "actsparse-fixture-plugin")
-TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "numpy")
+# safetensors: the tests prove that actsparse's own reader and writer agree with it.
+TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "numpy", "safetensors")
 
 nox.options.sessions = ["lint", "typecheck", "tests", "isolated"]
 nox.options.reuse_existing_virtualenvs = True
@@ -131,6 +132,31 @@ def isolated(session: nox.Session, package: str) -> None:
     if names != expected:
         session.error(f"installing actsparse-{package} brought {names}, expected {expected}")
     session.run("python", "-c", ISOLATED_SMOKE[package])
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run every bench/bench_*.py; each prints a table and writes JSON to bench-results/.
+
+    ``ACTSPARSE_BENCH_DIR`` moves the JSON; ``OMP_NUM_THREADS`` (default 1) sets
+    torch's threads so that runs on a shared machine stay comparable. Pass
+    script names to run only those: ``nox -s bench -- bench_state_files``.
+    """
+    install_workspace(session)
+    install(session, "numpy")  # torch warns on import without it
+    scripts = sorted((ROOT / "bench").glob("bench_*.py"))
+    if session.posargs:
+        wanted = {Path(arg).stem for arg in session.posargs}
+        scripts = [s for s in scripts if s.stem in wanted]
+        missing = wanted - {s.stem for s in scripts}
+        if missing:
+            session.error(f"no bench script named {', '.join(sorted(missing))}")
+    env = {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "ACTSPARSE_BENCH_DIR": os.environ.get("ACTSPARSE_BENCH_DIR", str(ROOT / "bench-results")),
+    }
+    for script in scripts:
+        session.run("python", str(script), env=env)
 
 
 @nox.session

@@ -47,7 +47,7 @@ def fresh_copy(model: torch.nn.Module) -> ActivationSparsifier:
 
 
 def test_load_returns_a_state_dict_with_names_and_dense_masks(tmp_path: Path) -> None:
-    model, sparsifier = small()
+    _model, sparsifier = small()
     sparsifier.step()
     path = serialize.save(sparsifier, tmp_path / "s.safetensors")
     sd = serialize.load(path)
@@ -62,7 +62,7 @@ def test_load_returns_a_state_dict_with_names_and_dense_masks(tmp_path: Path) ->
 
 
 def test_unregistered_callable_names_layer_key_and_remedy(tmp_path: Path) -> None:
-    model, sparsifier = small(mask_fn=lambda t, sparsity_level: (t > 0).float())
+    _model, sparsifier = small(mask_fn=lambda t, sparsity_level: (t > 0).float())
     path = tmp_path / "s.safetensors"
     path.write_bytes(b"previous")
     for fmt in ("safetensors", "torch"):
@@ -104,7 +104,7 @@ def test_registered_callable_is_written_by_name(tmp_path: Path) -> None:
 
 
 def test_plain_data_only(tmp_path: Path) -> None:
-    model, sparsifier = small()
+    _model, sparsifier = small()
     sd = sparsifier.state_dict()
     sd["data_groups"]["0"]["sparse_config"]["odd"] = object()
     with pytest.raises(SerializationError, match=r"data_groups/0/sparse_config/odd"):
@@ -115,7 +115,7 @@ def test_plain_data_only(tmp_path: Path) -> None:
 
 
 def test_values_that_json_lacks_come_back_exactly(tmp_path: Path) -> None:
-    model, sparsifier = small()
+    _model, sparsifier = small()
     sd = sparsifier.state_dict()
     extra = {
         "tuple": (1, (2.5, "x")),
@@ -136,7 +136,7 @@ def test_values_that_json_lacks_come_back_exactly(tmp_path: Path) -> None:
 
 
 def test_map_location_places_every_tensor(tmp_path: Path) -> None:
-    model, sparsifier = small()  # mid-calibration: data and all-ones placeholder masks
+    _model, sparsifier = small()  # mid-calibration: data and all-ones placeholder masks
     path = serialize.save(sparsifier, tmp_path / "s")
     sd = serialize.load(path, map_location="meta")
     assert sd["state"]["0"]["mask"].device.type == "meta"
@@ -149,7 +149,7 @@ def test_map_location_places_every_tensor(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_map_location_cuda(tmp_path: Path) -> None:
-    model, sparsifier = small()
+    _model, sparsifier = small()
     sparsifier.step()
     path = serialize.save(sparsifier, tmp_path / "s")
     sd = serialize.load(path, map_location="cuda")
@@ -179,7 +179,7 @@ def test_format_from_suffix_and_content(tmp_path: Path) -> None:
 
 
 def test_torch_ao_export_is_the_sparse_coo_serializer() -> None:
-    model, sparsifier = small()
+    _model, sparsifier = small()
     sparsifier.step()
     exported = serialize.to_torch_ao(sparsifier.state_dict())
     assert exported["state"]["0"]["mask"].is_sparse
@@ -211,7 +211,7 @@ def test_crash_half_way_leaves_the_old_file(tmp_path: Path, monkeypatch: Any) ->
 
 
 def test_crash_before_rename_leaves_the_old_file(tmp_path: Path, monkeypatch: Any) -> None:
-    model, sparsifier = small()
+    _model, sparsifier = small()
     path = serialize.save(sparsifier, tmp_path / "s.safetensors")
     before = path.read_bytes()
     sparsifier.step()
@@ -227,7 +227,7 @@ def test_crash_before_rename_leaves_the_old_file(tmp_path: Path, monkeypatch: An
 
 
 def test_save_replaces_and_keeps_permissions(tmp_path: Path) -> None:
-    model, sparsifier = small()
+    _model, sparsifier = small()
     path = tmp_path / "s.safetensors"
     path.write_bytes(b"old")
     path.chmod(0o640)
@@ -337,7 +337,7 @@ def test_layer_the_model_lacks(tmp_path: Path) -> None:
 
 
 def test_mask_records_are_checked(tmp_path: Path) -> None:
-    model, path = _saved(tmp_path)
+    _model, path = _saved(tmp_path)
     doc, tensors = unpack(path.read_bytes())
     record = doc["state"]["0"]["mask"]["$mask"]
     record["shape"] = [record["shape"][0] * 1000]

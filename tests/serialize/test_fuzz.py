@@ -99,8 +99,9 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
         return _header_edit(rng, data)
     else:
         at = rng.randrange(len(buf))
-        return bytes(buf[:at] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
-                     + buf[at:])
+        return bytes(
+            buf[:at] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 32))) + buf[at:]
+        )
     return bytes(buf)
 
 
@@ -178,9 +179,29 @@ def _edit_doc(rng: random.Random, doc: Any) -> None:
             break
         node = child
     replacement = rng.choice(
-        [None, 0, -1, 1.5, 2**70, "", "x", "$tensor", [], {}, [1, [2]], {"$tensor": "nope"},
-         {"$mask": {"encoding": "rle"}}, {"$tuple": 3}, {"$dict": [[1]]}, {"$float": "1e999"},
-         {"$dtype": "Tensor"}, "aggregate", "sparsify", [0, 10**9], {"a": {"b": {}}}]
+        [
+            None,
+            0,
+            -1,
+            1.5,
+            2**70,
+            "",
+            "x",
+            "$tensor",
+            [],
+            {},
+            [1, [2]],
+            {"$tensor": "nope"},
+            {"$mask": {"encoding": "rle"}},
+            {"$tuple": 3},
+            {"$dict": [[1]]},
+            {"$float": "1e999"},
+            {"$dtype": "Tensor"},
+            "aggregate",
+            "sparsify",
+            [0, 10**9],
+            {"a": {"b": {}}},
+        ]
     )
     if isinstance(node, dict) and node:
         node[rng.choice(list(node))] = replacement

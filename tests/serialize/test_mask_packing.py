@@ -12,8 +12,15 @@ from hypothesis import strategies as st
 from actsparse.core import SerializationError
 from actsparse.serialize._packing import decode_mask, encode_mask
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.bool, torch.uint8,
-          torch.int64]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.bool,
+    torch.uint8,
+    torch.int64,
+]
 
 
 def _stored_bytes(tensor: torch.Tensor | None) -> int:
@@ -100,21 +107,42 @@ def test_bitpack_matches_a_reference_packing() -> None:
         ({"encoding": "zip", "dtype": "float32", "shape": [3]}, None, "unknown mask encoding"),
         ({"encoding": "constant", "dtype": "os", "shape": [3], "value": 1}, None, "dtype"),
         ({"encoding": "constant", "dtype": "float32", "shape": [-1], "value": 1}, None, "shape"),
-        ({"encoding": "constant", "dtype": "float32", "shape": [2**40], "value": 1}, None,
-         "claims"),
+        (
+            {"encoding": "constant", "dtype": "float32", "shape": [2**40], "value": 1},
+            None,
+            "claims",
+        ),
         ({"encoding": "constant", "dtype": "float32", "shape": [3], "value": 2}, None, "0 or 1"),
-        ({"encoding": "bitpack", "dtype": "float32", "shape": [100]},
-         torch.zeros(3, dtype=torch.uint8), "need 13"),
-        ({"encoding": "rle", "dtype": "float32", "shape": [10], "first": 0},
-         torch.tensor([4, 5], dtype=torch.uint8), "cover 9"),
-        ({"encoding": "rle", "dtype": "float32", "shape": [10], "first": 0},
-         torch.tensor([0, 10], dtype=torch.int16), "positive"),
-        ({"encoding": "coo", "dtype": "float32", "shape": [10], "fill": 0},
-         torch.tensor([3, 3], dtype=torch.uint8), "increase"),
-        ({"encoding": "coo", "dtype": "float32", "shape": [10], "fill": 0},
-         torch.tensor([3, 10], dtype=torch.uint8), r"\[0, 10\)"),
-        ({"encoding": "coo", "dtype": "float32", "shape": [10], "fill": 0},
-         torch.tensor([[3]], dtype=torch.uint8), "1-d"),
+        (
+            {"encoding": "bitpack", "dtype": "float32", "shape": [100]},
+            torch.zeros(3, dtype=torch.uint8),
+            "need 13",
+        ),
+        (
+            {"encoding": "rle", "dtype": "float32", "shape": [10], "first": 0},
+            torch.tensor([4, 5], dtype=torch.uint8),
+            "cover 9",
+        ),
+        (
+            {"encoding": "rle", "dtype": "float32", "shape": [10], "first": 0},
+            torch.tensor([0, 10], dtype=torch.int16),
+            "positive",
+        ),
+        (
+            {"encoding": "coo", "dtype": "float32", "shape": [10], "fill": 0},
+            torch.tensor([3, 3], dtype=torch.uint8),
+            "increase",
+        ),
+        (
+            {"encoding": "coo", "dtype": "float32", "shape": [10], "fill": 0},
+            torch.tensor([3, 10], dtype=torch.uint8),
+            r"\[0, 10\)",
+        ),
+        (
+            {"encoding": "coo", "dtype": "float32", "shape": [10], "fill": 0},
+            torch.tensor([[3]], dtype=torch.uint8),
+            "1-d",
+        ),
         ({"encoding": "dense", "dtype": "float32", "shape": [2]}, torch.zeros(3), "shape"),
     ],
 )

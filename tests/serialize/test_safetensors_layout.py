@@ -19,14 +19,25 @@ from actsparse.serialize._safetensors import read_safetensors, write_safetensors
 safetensors_torch = pytest.importorskip("safetensors.torch")
 safe_open = pytest.importorskip("safetensors").safe_open
 
-DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-          torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+]
 
 
 @st.composite
 def tensor_tables(draw: st.DrawFn) -> dict[str, torch.Tensor]:
-    names = draw(st.lists(st.text("abcxyz/._0123", min_size=1, max_size=8), max_size=5,
-                          unique=True))
+    names = draw(
+        st.lists(st.text("abcxyz/._0123", min_size=1, max_size=8), max_size=5, unique=True)
+    )
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     table = {}
     for name in names:
@@ -46,8 +57,11 @@ def _same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None
 
 @settings(max_examples=60, deadline=None)
 @given(tensor_tables(), st.dictionaries(st.text(max_size=5), st.text(max_size=20), max_size=3))
-def test_both_directions(tmp_path_factory: pytest.TempPathFactory,
-                         table: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def test_both_directions(
+    tmp_path_factory: pytest.TempPathFactory,
+    table: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+) -> None:
     path = tmp_path_factory.mktemp("st") / "t.safetensors"
     # ours -> safetensors
     path.write_bytes(write_safetensors(table, metadata))

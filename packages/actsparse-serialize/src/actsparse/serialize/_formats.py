@@ -86,9 +86,7 @@ def unpack(buf: bytes | bytearray) -> tuple[Any, dict[str, torch.Tensor]]:
     if state_json is None or checksum is None:
         raise SerializationError("the file's __metadata__ lacks 'state' or 'checksum'")
     if _digest(entries, state_json, memoryview(data)[start:]) != checksum:
-        raise SerializationError(
-            "the checksum does not match the contents: the file is corrupted"
-        )
+        raise SerializationError("the checksum does not match the contents: the file is corrupted")
     try:
         doc = json.loads(state_json)
     except (ValueError, RecursionError) as exc:

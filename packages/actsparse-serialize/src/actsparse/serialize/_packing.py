@@ -140,7 +140,8 @@ def decode_mask(
     if encoding == "dense":
         if tensor is None or tensor.dtype != dtype or list(tensor.shape) != shape:
             raise SerializationError(
-                f"{where}: the stored tensor does not have the mask's dtype {dtype} and shape {shape}"
+                f"{where}: the stored tensor does not have the mask's dtype {dtype} "
+                f"and shape {shape}"
             )
         return tensor
     if tensor is not None and encoding == "constant":
@@ -174,9 +175,7 @@ def decode_mask(
             or int(indices[-1]) >= n
             or bool((indices[1:] <= indices[:-1]).any())
         ):
-            raise SerializationError(
-                f"{where}: indices must increase strictly and lie in [0, {n})"
-            )
+            raise SerializationError(f"{where}: indices must increase strictly and lie in [0, {n})")
         bits = torch.full((n,), fill, dtype=torch.uint8)
         bits[indices] = 1 - fill
     return bits.to(dtype).reshape(shape)

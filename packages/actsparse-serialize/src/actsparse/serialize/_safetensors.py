@@ -57,7 +57,9 @@ _LENGTH = struct.Struct("<Q")
 _MAX_DIMS = 64
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian machine runs torch wheels
-    raise ImportError("actsparse.serialize writes little-endian files and needs a little-endian host")
+    raise ImportError(
+        "actsparse.serialize writes little-endian files and needs a little-endian host"
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -182,7 +184,8 @@ def parse_header(buf: bytes | bytearray) -> tuple[list[TensorEntry], dict[str, s
     (length,) = _LENGTH.unpack_from(buf)
     if length > MAX_HEADER_BYTES:
         raise SerializationError(
-            f"the header claims {length} bytes, more than the {MAX_HEADER_BYTES} this reader accepts"
+            f"the header claims {length} bytes, more than the {MAX_HEADER_BYTES} "
+            "this reader accepts"
         )
     if length > size - _LENGTH.size:
         raise SerializationError(
