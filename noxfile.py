@@ -114,6 +114,11 @@ sd = {'state': {'a': {'mask': torch.tensor([1., 0., 1.])}}, 'data_groups': {}, '
 out = ser.dumps(sd)
 assert out['state']['a']['mask'].is_sparse
 assert torch.equal(ser.loads(out)['state']['a']['mask'], sd['state']['a']['mask'])
+import os, tempfile, actsparse.serialize as s
+with tempfile.TemporaryDirectory() as tmp:
+    for name in ('a.safetensors', 'a.pt'):
+        back = s.load(s.save(sd, os.path.join(tmp, name)))
+        assert torch.equal(back['state']['a']['mask'], sd['state']['a']['mask']), name
 print('serialize with core: ok')
 """,
 }

@@ -160,3 +160,40 @@ def test_default_file_is_small(tmp_path: Path) -> None:
     coo = tmp_path / "coo.pt"
     torch.save(sparsifier.state_dict(), coo)
     assert ours * 30 <= coo.stat().st_size
+
+
+def test_torch_ao_sparsifier_with_registered_functions_saves(tmp_path: Path) -> None:
+    """torch.ao's own sparsifier, using the registered functions, is written by name."""
+    import warnings
+
+    from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.pruning._experimental.activation_sparsifier.activation_sparsifier import (
+            ActivationSparsifier as TorchAOSparsifier,
+        )
+
+    torch.manual_seed(3)
+    model = SeedCNN().eval()
+    theirs = TorchAOSparsifier(
+        model,
+        aggregate_fn=sum_aggregate,
+        reduce_fn=mean_over_batch,
+        mask_fn=magnitude_mask,
+        sparsity_level=0.5,
+    )
+    theirs.register_layer(model.identity1, sparsity_level=0.7)
+    theirs.register_layer(model.linear1, features=[0, 10], feature_dim=1)
+    forward(model, [torch.randn(16, 1, 28, 28)])
+    theirs.step()
+    path = serialize.save(theirs, tmp_path / "ao.safetensors")
+    sd = serialize.load(path)
+    assert sd["defaults"]["aggregate_fn"] == "sum"
+    assert sd["data_groups"]["identity1"]["mask_fn"] == "magnitude"
+    fresh = SeedCNN().eval()
+    fresh.load_state_dict(model.state_dict())
+    ours = ActivationSparsifier(fresh)
+    serialize.load_into(ours, path)
+    assert _equal(ours.get_mask("identity1"), theirs.get_mask("identity1"))
+    assert _equal(ours.get_mask("linear1"), theirs.get_mask("linear1"))
