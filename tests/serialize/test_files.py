@@ -344,3 +344,30 @@ def test_mask_records_are_checked(tmp_path: Path) -> None:
     path.write_bytes(pack(doc, tensors))
     with pytest.raises(SerializationError, match=r"state/0/mask"):
         serialize.load(path)
+
+
+def test_data_that_does_not_fit_the_features(tmp_path: Path) -> None:
+    model, sparsifier = small()  # mid-calibration
+    path = serialize.save(sparsifier, tmp_path / "s.safetensors")
+    doc, tensors = unpack(path.read_bytes())
+    tensors["data_groups/2/data/0"] = torch.zeros(3)  # 1-d: cannot join along feature_dim=1
+    path.write_bytes(pack(doc, tensors))
+    target = fresh_copy(model)
+    with pytest.raises(SerializationError, match="data of layer '2'") as info:
+        serialize.load_into(target, path)
+    assert str(path) in str(info.value)
+    assert target.data_groups == {}
+
+
+def test_integers_beyond_64_bits(tmp_path: Path) -> None:
+    _model, sparsifier = small()
+    sd = sparsifier.state_dict()
+    sd["defaults"]["sparse_config"]["huge"] = 2**64
+    with pytest.raises(SerializationError, match="64-bit"):
+        serialize.save(sd, tmp_path / "s")
+    path = serialize.save(sparsifier, tmp_path / "s")
+    doc, tensors = unpack(path.read_bytes())
+    doc["data_groups"]["2"]["features"] = [0, 2**70]
+    path.write_bytes(pack(doc, tensors))
+    with pytest.raises(SerializationError, match="64-bit"):
+        serialize.load(path)
