@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--only-fold", action="store_true", help="run only the fold rows")
     args = parser.parse_args(argv)
+    if args.json is None and "ACTSPARSE_BENCH_DIR" in os.environ:
+        args.json = Path(os.environ["ACTSPARSE_BENCH_DIR"]) / "bench_hooks.json"
     args.reps = 9 if args.quick else 61
     args.budget = 0.002 if args.quick else 0.004  # seconds per timed sample
     device = torch.device(args.device)

@@ -190,7 +190,22 @@ class Layer:
                 f"layer {self.name!r}: data must be a list with one tensor per feature "
                 f"({len(self.features.groups)}), got {type(data).__name__}"
             )
-        self.data = torch.cat(list(data), dim=self.features.dim) if self.fused else list(data)
+        if not self.fused:
+            self.data = list(data)
+            return
+        dim = self.features.dim
+        for position, (part, size) in enumerate(zip(data, self.features.sizes, strict=True)):
+            if not isinstance(part, torch.Tensor) or not -part.ndim <= dim < part.ndim:
+                raise ConfigError(
+                    f"layer {self.name!r}: data of features[{position}] must be a tensor "
+                    f"with a dimension {dim}"
+                )
+            if part.shape[dim] != size:
+                raise ConfigError(
+                    f"layer {self.name!r}: data of features[{position}] has size "
+                    f"{part.shape[dim]} along feature_dim {dim}, expected {size}"
+                )
+        self.data = torch.cat(list(data), dim=dim)
 
     # ----------------------------------------------------------------- hooks
 

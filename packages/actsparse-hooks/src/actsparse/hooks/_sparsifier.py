@@ -476,7 +476,7 @@ class ActivationSparsifier:
         layer.hook_state = hook_state
         try:
             layer.set_exposed_data(copy.deepcopy(group.get("data")))
-        except (ConfigError, RuntimeError) as exc:
+        except (ConfigError, RuntimeError, IndexError, TypeError, ValueError) as exc:
             raise SerializationError(
                 f"the data of layer {name!r} cannot be restored: {exc}"
             ) from exc

@@ -1,18 +1,30 @@
-"""actsparse.serialize: state-dict conversion (and file formats), as a plugin."""
+"""actsparse.serialize: state files and state-dict conversion, as serializer plugins.
+
+``save(sparsifier, path)`` writes a state file, ``load(path)`` reads one back
+into a state dict for ``ActivationSparsifier.load_state_dict``. See
+docs/formats.md for the formats.
+"""
 
 from __future__ import annotations
 
+from actsparse.serialize._files import DEFAULT_FORMAT, load, load_into, save
+from actsparse.serialize._formats import FORMAT_VERSION
 from actsparse.serialize._masks import dense_masks, from_sparse_coo, sparse_coo_masks, to_sparse_coo
 from actsparse.serialize._state import STATE_KEYS, from_torch_ao, to_torch_ao
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_FORMAT",
+    "FORMAT_VERSION",
     "STATE_KEYS",
     "__version__",
     "dense_masks",
     "from_sparse_coo",
     "from_torch_ao",
+    "load",
+    "load_into",
+    "save",
     "sparse_coo_masks",
     "to_sparse_coo",
     "to_torch_ao",

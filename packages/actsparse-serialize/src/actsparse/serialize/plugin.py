@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from actsparse.core import Serializer, hookimpl
+from actsparse.serialize._formats import (
+    safetensors_dumps,
+    safetensors_loads,
+    torch_dumps,
+    torch_loads,
+)
 from actsparse.serialize._state import from_torch_ao, to_torch_ao
 
 
@@ -14,5 +20,22 @@ def actsparse_serializers() -> list[Serializer]:
             dumps=to_torch_ao,
             loads=from_torch_ao,
             description="torch.ao's in-memory state dict: masks as sparse COO tensors",
+        ),
+        Serializer(
+            name="safetensors",
+            dumps=safetensors_dumps,
+            loads=safetensors_loads,
+            binary=True,
+            suffix=".safetensors",
+            description="the default file: safetensors tensors, packed masks, JSON metadata; "
+            "no pickle",
+        ),
+        Serializer(
+            name="torch",
+            dumps=torch_dumps,
+            loads=torch_loads,
+            binary=True,
+            suffix=".pt",
+            description="a torch.save file that torch.load(..., weights_only=True) reads",
         ),
     ]

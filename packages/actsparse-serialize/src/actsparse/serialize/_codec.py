@@ -1,0 +1,279 @@
+"""A sparsifier state dict as JSON-ready data plus named tensors, and back.
+
+Strategies are written by registered name; every other value must be plain
+data (None, bools, ints, floats, strings, lists, tuples, dicts), a torch
+dtype or a tensor. A tensor becomes ``{"$tensor": name}`` and its bytes go to
+the tensor table; masks become ``{"$mask": record}`` (see
+:mod:`actsparse.serialize._packing`). Values that JSON cannot hold exactly
+are tagged: ``{"$tuple": [...]}``, ``{"$float": "nan"}``, ``{"$dtype":
+"float32"}`` and ``{"$dict": [[key, value], ...]}`` for a dict whose keys are
+not all strings or start with ``$``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from actsparse.core import SerializationError, get_registry
+from actsparse.serialize._packing import decode_mask, dtype_str, encode_mask, parse_dtype
+from actsparse.serialize._state import STATE_KEYS, from_torch_ao
+
+__all__ = ["STRATEGY_KEYS", "Decoder", "Encoder", "named_state_dict"]
+
+#: The config keys that hold strategies, and the registry kind of each.
+STRATEGY_KEYS = {"aggregate_fn": "aggregate", "reduce_fn": "reduce", "mask_fn": "mask"}
+_RECORDS = {"aggregate": "AggregateStrategy", "reduce": "ReduceStrategy", "mask": "MaskStrategy"}
+_MAX_DEPTH = 64
+#: Integers in a file are signed 64-bit, like torch's and safetensors' own.
+_INT_RANGE = range(-(2**63), 2**63)
+
+
+def strategy_name(value: object, *, kind: str, where: str, key: str) -> str | None:
+    """The name under which ``value`` (a name, a record or a callable) is registered."""
+    if value is None or isinstance(value, str):
+        return value
+    name = get_registry().name_of(kind, value)
+    if name is not None:
+        return name
+    label = getattr(value, "name", None) or getattr(value, "__qualname__", None) or repr(value)
+    raise SerializationError(
+        f"{where}: {key}={label} is not a registered {kind} strategy, so it cannot be "
+        f"written (a state file holds names, never code). Register it under a name: return "
+        f"{_RECORDS[kind]}(name=..., fn=...) from an actsparse_{kind}_strategies hook of a "
+        "plugin (an entry point of the 'actsparse' group, or "
+        "actsparse.core.register_plugin(obj) in-process; see docs/plugins.md), then pass "
+        "the name or the function"
+    )
+
+
+def named_config(config: Mapping[str, Any], *, where: str) -> dict[str, Any]:
+    """A copy of a config mapping with its strategies replaced by their names."""
+    out = dict(config)
+    for key, kind in STRATEGY_KEYS.items():
+        if key in out:
+            out[key] = strategy_name(out[key], kind=kind, where=where, key=key)
+    return out
+
+
+def named_state_dict(state_dict: object) -> dict[str, Any]:
+    """The state dict with dense masks and every strategy replaced by its name."""
+    sd = from_torch_ao(state_dict)  # type: ignore[arg-type]
+    groups = sd["data_groups"]
+    defaults = sd["defaults"]
+    if not isinstance(groups, Mapping) or not all(isinstance(g, Mapping) for g in groups.values()):
+        raise SerializationError("state_dict['data_groups'] must map layer names to mappings")
+    if not isinstance(defaults, Mapping):
+        raise SerializationError("state_dict['defaults'] must be a mapping")
+    return {
+        **sd,
+        "data_groups": {
+            name: named_config(group, where=f"layer {name!r}") for name, group in groups.items()
+        },
+        "defaults": named_config(defaults, where="defaults"),
+    }
+
+
+class Encoder:
+    """Turns a named state dict into a JSON-ready document and a tensor table."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def _add(self, path: str, tensor: torch.Tensor) -> str:
+        name = path
+        suffix = 1
+        while name in self.tensors:
+            suffix += 1
+            name = f"{path}#{suffix}"
+        self.tensors[name] = tensor
+        return name
+
+    def value(self, value: Any, path: str) -> Any:
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            if value not in _INT_RANGE:
+                raise SerializationError(f"{path}: {value} does not fit in a signed 64-bit int")
+            return int(value)
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"$float": repr(value)}
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided:
+                raise SerializationError(
+                    f"{path}: only strided tensors can be written, got layout {value.layout}"
+                )
+            return {"$tensor": self._add(path, value.detach().contiguous())}
+        if isinstance(value, torch.dtype):
+            return {"$dtype": dtype_str(value)}
+        if isinstance(value, list):
+            return [self.value(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {"$tuple": [self.value(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, Mapping):
+            if all(isinstance(k, str) and not k.startswith("$") for k in value):
+                return {k: self.value(v, f"{path}/{k}") for k, v in value.items()}
+            return {
+                "$dict": [
+                    [self.value(k, f"{path}/<key>"), self.value(v, f"{path}/{k}")]
+                    for k, v in value.items()
+                ]
+            }
+        if callable(value):
+            raise SerializationError(
+                f"{path}: {value!r} is a callable; only aggregate_fn, reduce_fn and mask_fn "
+                "may name strategies, and a file never holds code"
+            )
+        raise SerializationError(
+            f"{path}: a {type(value).__name__} cannot be written; values must be plain data "
+            "(None, bool, int, float, str, list, tuple, dict), torch dtypes or tensors"
+        )
+
+    def mask(self, mask: Any, path: str) -> Any:
+        if mask is None:
+            return None
+        if isinstance(mask, (list, tuple)):
+            return [self.mask(m, f"{path}/{i}") for i, m in enumerate(mask)]
+        if not isinstance(mask, torch.Tensor):
+            raise SerializationError(f"{path}: a mask must be a tensor, a list of tensors or None")
+        record, tensor = encode_mask(mask)
+        if tensor is not None:
+            record["tensor"] = self._add(path, tensor)
+        return {"$mask": record}
+
+    def state_dict(self, state_dict: object) -> dict[str, Any]:
+        """The document for a state dict (from an actsparse or torch.ao sparsifier)."""
+        sd = named_state_dict(state_dict)
+        state: dict[str, Any] = {}
+        for name, layer_state in sd["state"].items():
+            if not isinstance(name, str):
+                raise SerializationError(f"state: layer names must be strings, got {name!r}")
+            encoded = {
+                k: self.value(v, f"state/{name}/{k}") for k, v in layer_state.items() if k != "mask"
+            }
+            encoded["mask"] = self.mask(layer_state["mask"], f"state/{name}/mask")
+            state[name] = encoded
+        doc: dict[str, Any] = {"state": state}
+        for key, value in sd.items():
+            if key != "state":
+                doc[key] = self.value(value, key)
+        return doc
+
+
+class Decoder:
+    """Turns a document and its tensor table back into a state dict."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.used: set[str] = set()
+
+    def _tensor(self, name: object, path: str) -> torch.Tensor:
+        if not isinstance(name, str) or name not in self.tensors:
+            raise SerializationError(f"{path}: refers to a tensor {name!r} that the file lacks")
+        if name in self.used:
+            raise SerializationError(f"{path}: tensor {name!r} is referred to twice")
+        self.used.add(name)
+        return self.tensors[name]
+
+    def value(self, value: Any, path: str, depth: int = 0) -> Any:
+        if depth > _MAX_DEPTH:
+            raise SerializationError(f"{path}: nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(value, int) and not isinstance(value, bool) and value not in _INT_RANGE:
+            raise SerializationError(f"{path}: {value} does not fit in a signed 64-bit int")
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, list):
+            return [self.value(v, f"{path}/{i}", depth + 1) for i, v in enumerate(value)]
+        if not isinstance(value, dict):
+            raise SerializationError(f"{path}: unexpected {type(value).__name__}")
+        if len(value) == 1:
+            ((tag, body),) = value.items()
+            if tag.startswith("$"):
+                return self._tagged(tag, body, path, depth)
+        return {k: self.value(v, f"{path}/{k}", depth + 1) for k, v in value.items()}
+
+    def _tagged(self, tag: str, body: Any, path: str, depth: int) -> Any:
+        if tag == "$tensor":
+            return self._tensor(body, path)
+        if tag == "$mask":
+            return self.mask_record(body, path)
+        if tag == "$tuple" and isinstance(body, list):
+            return tuple(self.value(v, f"{path}/{i}", depth + 1) for i, v in enumerate(body))
+        if tag == "$float" and body in ("nan", "inf", "-inf"):
+            return float(body)
+        if tag == "$dtype":
+            return parse_dtype(body, where=path)
+        if tag == "$dict" and isinstance(body, list):
+            out: dict[Any, Any] = {}
+            for item in body:
+                if not isinstance(item, list) or len(item) != 2:
+                    raise SerializationError(f"{path}: $dict items must be [key, value] pairs")
+                key = self.value(item[0], f"{path}/<key>", depth + 1)
+                try:
+                    out[key] = self.value(item[1], f"{path}/{key}", depth + 1)
+                except TypeError:
+                    raise SerializationError(f"{path}: unhashable key {key!r}") from None
+            return out
+        raise SerializationError(f"{path}: malformed {tag!r} value")
+
+    def mask_record(self, record: Any, path: str) -> torch.Tensor:
+        if not isinstance(record, dict):
+            raise SerializationError(f"{path}: a mask record must be an object")
+        name = record.get("tensor")
+        tensor = None if name is None else self._tensor(name, path)
+        return decode_mask(record, tensor, where=path)
+
+    def state_dict(self, doc: object) -> dict[str, Any]:
+        if not isinstance(doc, dict):
+            raise SerializationError("the stored state must be a JSON object")
+        missing = [key for key in STATE_KEYS if key not in doc]
+        if missing:
+            raise SerializationError(f"the stored state lacks {', '.join(map(repr, missing))}")
+        out: dict[str, Any] = {key: self.value(value, key) for key, value in doc.items()}
+        check_loaded(out)
+        unused = sorted(set(self.tensors) - self.used)
+        if unused:
+            raise SerializationError(f"tensors that nothing refers to: {', '.join(unused[:5])}")
+        return out
+
+
+def _is_mask(value: object) -> bool:
+    if value is None or isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, list) and all(isinstance(m, torch.Tensor) for m in value)
+
+
+def check_loaded(sd: Mapping[str, Any]) -> None:
+    """Check the outline of a state dict read from a file: what load_state_dict relies on."""
+    state, groups, defaults = sd["state"], sd["data_groups"], sd["defaults"]
+    if not isinstance(state, dict) or not isinstance(groups, dict):
+        raise SerializationError("'state' and 'data_groups' must map layer names to objects")
+    if not isinstance(defaults, dict):
+        raise SerializationError("'defaults' must be an object")
+    for name, layer_state in state.items():
+        if not isinstance(layer_state, dict) or not _is_mask(layer_state.get("mask", 0)):
+            raise SerializationError(
+                f"state[{name!r}] must hold a 'mask' that is None, a tensor or a list of tensors"
+            )
+    for where, config in (("defaults", defaults), *groups.items()):
+        if not isinstance(config, dict):
+            raise SerializationError(f"data_groups[{where!r}] must be an object")
+        for key in STRATEGY_KEYS:
+            if not isinstance(config.get(key), (str, type(None))):
+                raise SerializationError(f"{where}: {key} must be a strategy name or null")
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor inside nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, fn) for v in value)
+    return value

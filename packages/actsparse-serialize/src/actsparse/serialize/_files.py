@@ -1,0 +1,211 @@
+"""``save`` / ``load``: state files written atomically and read with suspicion."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from actsparse.core import ActsparseError, SerializationError, Serializer, get_registry
+from actsparse.serialize._codec import map_tensors
+
+__all__ = ["DEFAULT_FORMAT", "load", "load_into", "save"]
+
+#: The format ``save`` writes unless told otherwise (or unless the suffix names another).
+DEFAULT_FORMAT = "safetensors"
+_ZIP_MAGIC = b"PK\x03\x04"
+_CHUNK = 1 << 20
+
+PathLike = str | os.PathLike[str]
+Device = str | torch.device | None
+
+
+def _serializer(format: str, path: Path) -> Serializer:
+    serializer: Serializer = get_registry().get("serializer", format)
+    if not serializer.binary:
+        raise SerializationError(
+            f"{path}: serializer {format!r} converts state dicts in memory and cannot write "
+            "files; use a file format such as 'safetensors' or 'torch'"
+        )
+    return serializer
+
+
+def _format_for_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix:
+        for entry in get_registry().entries("serializer"):
+            record: Serializer = entry.record
+            if record.binary and record.suffix.lower() == suffix:
+                return record.name
+    return DEFAULT_FORMAT
+
+
+def _state_dict_of(obj: object) -> Any:
+    if isinstance(obj, Mapping):
+        return obj
+    state_dict = getattr(obj, "state_dict", None)
+    if callable(state_dict) and not isinstance(obj, torch.nn.Module):
+        return state_dict()
+    raise SerializationError(
+        f"save() takes a sparsifier or its state dict, got {type(obj).__name__}"
+    )
+
+
+def _write_all(fh: IO[bytes], data: bytes) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        fh.write(view[start : start + _CHUNK])
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    A failure at any point leaves ``path`` as it was and removes the temporary file.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write_all(fh, data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _mode_for(path))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        # Make the rename itself durable.
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+            pass
+        finally:
+            os.close(dir_fd)
+
+
+def save(obj: object, path: PathLike, *, format: str | None = None) -> Path:
+    """Write a sparsifier (or its state dict) to ``path``, atomically.
+
+    Args:
+        obj: An ``ActivationSparsifier`` or a state dict of one (actsparse's or torch.ao's).
+        path: The file to write; an existing file is replaced only once the new
+            one is complete on disk.
+        format: A registered file format: ``"safetensors"`` (the default) or
+            ``"torch"``. ``None`` picks the format whose suffix ``path`` has,
+            else the default.
+
+    Returns:
+        The path written.
+
+    Raises:
+        SerializationError: A strategy is not registered (the message names the
+            layer, the key and how to register it), a value is not plain data,
+            or the format cannot write files.
+    """
+    target = Path(path)
+    name = _format_for_suffix(target) if format is None else format
+    serializer = _serializer(name, target)
+    state_dict = _state_dict_of(obj)
+    try:
+        data = serializer.dumps(state_dict)
+    except SerializationError as exc:
+        raise SerializationError(f"cannot write {target}: {exc}") from exc
+    if not isinstance(data, (bytes, bytearray)):
+        raise SerializationError(
+            f"serializer {name!r} returned {type(data).__name__}, not bytes, for {target}"
+        )
+    _atomic_write(target, bytes(data))
+    return target
+
+
+def _read(path: Path) -> bytearray:
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = bytearray(size)
+        view = memoryview(buf)
+        filled = 0
+        while filled < size:
+            count = fh.readinto(view[filled:])
+            if not count:
+                break
+            filled += count
+    if filled != size:
+        raise SerializationError(f"{path}: the file shrank while it was read")
+    return buf
+
+
+def _sniff(buf: bytearray) -> str:
+    return "torch" if buf[:4] == _ZIP_MAGIC else DEFAULT_FORMAT
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tensor.device == device:
+        return tensor
+    if tensor.numel() > 1 and all(s == 0 for s in tensor.stride()):
+        # A constant mask: keep it a stride-0 view on the new device.
+        return tensor.as_strided((), ()).to(device).expand(tensor.shape)
+    return tensor.to(device)
+
+
+def load(
+    path: PathLike, *, format: str | None = None, map_location: Device = None
+) -> dict[str, Any]:
+    """Read a state file into a state dict that ``load_state_dict`` accepts.
+
+    Args:
+        path: The file.
+        format: The format to read; ``None`` tells them apart by content.
+        map_location: The device for every tensor (masks and aggregated data);
+            ``None`` keeps them on the CPU.
+
+    Raises:
+        SerializationError: The file is truncated, corrupted, of an unknown
+            format version, or not a state file; the message names the file.
+        OSError: The file cannot be opened.
+    """
+    source = Path(path)
+    buf = _read(source)
+    name = _sniff(buf) if format is None else format
+    serializer = _serializer(name, source)
+    try:
+        state_dict: dict[str, Any] = serializer.loads(buf)
+    except SerializationError as exc:
+        raise SerializationError(f"{source}: {exc}") from None
+    except Exception as exc:
+        raise SerializationError(f"{source}: cannot be read as {name!r}: {exc!r}") from exc
+    if map_location is not None:
+        device = torch.device(map_location)
+        state_dict = map_tensors(state_dict, lambda t: _to_device(t, device))
+    return state_dict
+
+
+def load_into(
+    sparsifier: Any, path: PathLike, *, format: str | None = None, map_location: Device = None
+) -> None:
+    """``sparsifier.load_state_dict(load(path))``, with the file named in any error.
+
+    A layer of the file that the sparsifier's model lacks raises
+    ``LayerNotFoundError``; on any error the sparsifier is unchanged.
+    """
+    state_dict = load(path, format=format, map_location=map_location)
+    try:
+        sparsifier.load_state_dict(state_dict)
+    except ActsparseError as exc:
+        raise type(exc)(f"{path}: {exc}") from exc

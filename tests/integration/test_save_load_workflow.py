@@ -1,0 +1,199 @@
+"""Save and load state files at every point of the seed workflow, in both file formats.
+
+Each file is loaded into a sparsifier over a fresh copy of the model: masks,
+data groups and the model's outputs must be identical, and a calibration
+interrupted by a save and resumed after a load must give the masks that the
+uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import actsparse.serialize as serialize
+from actsparse.hooks import ActivationSparsifier
+from actsparse.hooks.workflow import SeedCNN
+
+FORMATS = ["safetensors", "torch"]
+
+
+def _equal(left: Any, right: Any) -> bool:
+    if isinstance(left, torch.Tensor):
+        return (
+            isinstance(right, torch.Tensor)
+            and left.dtype == right.dtype
+            and left.shape == right.shape
+            and torch.equal(left, right)
+        )
+    if isinstance(left, (list, tuple)):
+        return (
+            type(left) is type(right)
+            and len(left) == len(right)
+            and all(_equal(a, b) for a, b in zip(left, right, strict=True))
+        )
+    if isinstance(left, dict):
+        return (
+            isinstance(right, dict)
+            and left.keys() == right.keys()
+            and all(_equal(v, right[k]) for k, v in left.items())
+        )
+    return bool(left == right)
+
+
+def _groups(sparsifier: ActivationSparsifier) -> dict[str, dict[str, Any]]:
+    return {
+        name: {k: v for k, v in group.items() if k not in ("hook", "layer")}
+        for name, group in sparsifier.data_groups.items()
+    }
+
+
+def build() -> tuple[SeedCNN, ActivationSparsifier]:
+    torch.manual_seed(0)
+    model = SeedCNN().eval()
+    sparsifier = ActivationSparsifier(
+        model, aggregate_fn="sum", reduce_fn="mean", mask_fn="magnitude", sparsity_level=0.5
+    )
+    sparsifier.register_layer(model.conv1, sparsity_level=0.3)
+    sparsifier.register_layer(model.linear1, features=[0, 10, 234], feature_dim=1)
+    sparsifier.register_layer(model.identity1, sparsity_level=0.7)
+    sparsifier.register_layer(model.identity2, features=[0, [10, 11], 20], feature_dim=1)
+    return model, sparsifier
+
+
+def restore(
+    path: Path, model: SeedCNN, sparsifier: ActivationSparsifier
+) -> tuple[SeedCNN, ActivationSparsifier]:
+    fresh = SeedCNN().eval()
+    fresh.load_state_dict(model.state_dict())
+    restored = ActivationSparsifier(fresh)
+    serialize.load_into(restored, path)
+    assert restored.defaults == sparsifier.defaults
+    assert _equal(_groups(restored), _groups(sparsifier))
+    for name in sparsifier.state:
+        assert _equal(restored.state[name]["mask"], sparsifier.state[name]["mask"]), name
+        assert restored.data_groups[name]["layer"] is getattr(fresh, name)
+        assert ("hook" in restored.data_groups[name]) == ("hook" in sparsifier.data_groups[name])
+    return fresh, restored
+
+
+def forward(model: SeedCNN, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(batch) for batch in batches]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_point_of_the_workflow(tmp_path: Path, fmt: str) -> None:
+    torch.manual_seed(1)
+    first = [torch.randn(16, 1, 28, 28) for _ in range(2)]
+    second = [torch.randn(16, 1, 28, 28) for _ in range(2)]
+    probe = [torch.randn(8, 1, 28, 28)]
+    model, sparsifier = build()
+
+    def checkpoint(tag: str) -> tuple[SeedCNN, ActivationSparsifier]:
+        path = serialize.save(sparsifier, tmp_path / f"{tag}.state", format=fmt)
+        return restore(path, model, sparsifier)
+
+    # after registration: same outputs, and the restored copy aggregates the same way
+    fresh, restored = checkpoint("registered")
+    assert _equal(forward(fresh, first), forward(model, first))
+    assert _equal(_groups(restored), _groups(sparsifier))
+
+    # after forward passes, mid-calibration: resume and compare with the uninterrupted run
+    fresh, restored = checkpoint("calibrating")
+    assert all("data" in g for g in _groups(restored).values())
+    assert _equal(forward(fresh, second), forward(model, second))
+    sparsifier.step()
+    restored.step()
+    for name in sparsifier.state:
+        assert _equal(restored.get_mask(name), sparsifier.get_mask(name)), name
+
+    # after step(): masks are real now
+    fresh, restored = checkpoint("stepped")
+    assert _equal(forward(fresh, probe), forward(model, probe))
+
+    # after squash_mask(): the masks are applied to the inputs
+    sparsifier.squash_mask()
+    fresh, restored = checkpoint("squashed")
+    assert all(g["hook_state"] == "sparsify" for g in _groups(restored).values())
+    masked = forward(model, probe)
+    assert _equal(forward(fresh, probe), masked)
+    unmasked = forward(SeedCNN().eval().requires_grad_(False), probe)
+    assert not _equal(masked, unmasked)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resumed_calibration_matches_uninterrupted(tmp_path: Path, fmt: str) -> None:
+    """A calibration saved half-way, loaded after a 'restart', gives the same masks."""
+    torch.manual_seed(2)
+    batches = [torch.randn(16, 1, 28, 28) for _ in range(4)]
+
+    model, uninterrupted = build()
+    forward(model, batches)
+    uninterrupted.step()
+
+    model_a, interrupted = build()
+    forward(model_a, batches[:2])
+    path = serialize.save(interrupted, tmp_path / "half", format=fmt)
+    del interrupted
+
+    model_b = SeedCNN().eval()
+    model_b.load_state_dict(model.state_dict())
+    resumed = ActivationSparsifier(model_b)
+    serialize.load_into(resumed, path)
+    forward(model_b, batches[2:])
+    resumed.step()
+    for name in uninterrupted.state:
+        assert _equal(resumed.get_mask(name), uninterrupted.get_mask(name)), name
+
+
+def test_default_file_is_small(tmp_path: Path) -> None:
+    """Packed masks: the default file is far smaller than torch.ao's COO state dict."""
+    model, sparsifier = build()
+    forward(model, [torch.randn(16, 1, 28, 28)])
+    sparsifier.step()
+    sparsifier.squash_mask()
+    ours = serialize.save(sparsifier, tmp_path / "masks.safetensors").stat().st_size
+    coo = tmp_path / "coo.pt"
+    torch.save(sparsifier.state_dict(), coo)
+    assert ours * 30 <= coo.stat().st_size
+
+
+def test_torch_ao_sparsifier_with_registered_functions_saves(tmp_path: Path) -> None:
+    """torch.ao's own sparsifier, using the registered functions, is written by name."""
+    import warnings
+
+    from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.pruning._experimental.activation_sparsifier.activation_sparsifier import (
+            ActivationSparsifier as TorchAOSparsifier,
+        )
+
+    torch.manual_seed(3)
+    model = SeedCNN().eval()
+    theirs = TorchAOSparsifier(
+        model,
+        aggregate_fn=sum_aggregate,
+        reduce_fn=mean_over_batch,
+        mask_fn=magnitude_mask,
+        sparsity_level=0.5,
+    )
+    theirs.register_layer(model.identity1, sparsity_level=0.7)
+    theirs.register_layer(model.linear1, features=[0, 10], feature_dim=1)
+    forward(model, [torch.randn(16, 1, 28, 28)])
+    theirs.step()
+    path = serialize.save(theirs, tmp_path / "ao.safetensors")
+    sd = serialize.load(path)
+    assert sd["defaults"]["aggregate_fn"] == "sum"
+    assert sd["data_groups"]["identity1"]["mask_fn"] == "magnitude"
+    fresh = SeedCNN().eval()
+    fresh.load_state_dict(model.state_dict())
+    ours = ActivationSparsifier(fresh)
+    serialize.load_into(ours, path)
+    assert _equal(ours.get_mask("identity1"), theirs.get_mask("identity1"))
+    assert _equal(ours.get_mask("linear1"), theirs.get_mask("linear1"))
