@@ -19,9 +19,10 @@ PACKAGES = {
     for name in ("core", "masks", "hooks", "serialize")
 }
 FIXTURE_PLUGIN = str(ROOT / "tests" / "fixtures" / "actsparse-fixture-plugin")
+EXAMPLE_PLUGIN = ROOT / "examples" / "actsparse-example-plugin"
 TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "numpy")
 
-nox.options.sessions = ["lint", "typecheck", "tests", "isolated"]
+nox.options.sessions = ["lint", "typecheck", "tests", "isolated", "example_plugin"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -131,6 +132,15 @@ def isolated(session: nox.Session, package: str) -> None:
     if names != expected:
         session.error(f"installing actsparse-{package} brought {names}, expected {expected}")
     session.run("python", "-c", ISOLATED_SMOKE[package])
+
+
+@nox.session
+def example_plugin(session: nox.Session) -> None:
+    """Install the example plugin beside core, masks and hooks; use its strategies by name."""
+    install(session, PACKAGES["core"], PACKAGES["masks"], PACKAGES["hooks"], *TEST_DEPS)
+    # A regular (non-editable) install: the entry point must come from the built wheel.
+    install(session, str(EXAMPLE_PLUGIN))
+    session.run("pytest", str(EXAMPLE_PLUGIN / "tests"), "-p", "no:cacheprovider")
 
 
 @nox.session
