@@ -164,3 +164,32 @@ def test_resuming_from_a_state_dict_mid_calibration_gives_identical_masks(
             assert torch.equal(want, got)
         else:
             assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_a_state_dict_taken_after_calibration_steps_to_the_same_masks() -> None:
+    torch.manual_seed(4)
+    model = CNN()
+    batches = [torch.randn(6, 3, 12, 12), torch.randn(1, 3, 12, 12)]
+
+    def start(model: nn.Module) -> ActivationSparsifier:
+        s = ActivationSparsifier(
+            model, aggregate_fn="abs_max", reduce_fn="identity", mask_fn="magnitude"
+        )
+        s.register_layer(model.conv2, sparsity_level=0.5, features=[[0, 3], [7]], feature_dim=1)
+        s.register_layer(model.fc, sparsity_level=0.25)
+        return s
+
+    original = start(model)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    sd = original.state_dict()
+    original.step()
+    fresh = CNN()
+    restored = start(fresh)
+    restored.load_state_dict(sd)
+    restored.step()  # no input since the restore: the per-feature data is used as it is
+    assert torch.equal(restored.get_mask("fc"), original.get_mask("fc"))
+    for got, want in zip(restored.get_mask("conv2"), original.get_mask("conv2"), strict=True):
+        assert got.shape == want.shape
+        assert torch.equal(got, want)
