@@ -94,7 +94,13 @@ def test_any_choice_of_sample_dims_matches_the_direct_statistic(
         batches.append(torch.randn(this, dtype=torch.float64))
     got = _fold(name, batches, sample_dims=list(dims))
     want = DIRECT[name](_samples(batches, dims))
-    torch.testing.assert_close(got, want)
+    # Leading sample dims are dropped; later ones stay with size 1.
+    lead = next((d for d in range(ndim) if d not in dims), ndim)
+    assert got.shape == tuple(1 if d in dims else shape[d] for d in range(lead, ndim))
+    torch.testing.assert_close(got.reshape(want.shape), want)
+    # So the statistic broadcasts to every input along the right dims.
+    for batch in batches:
+        assert torch.broadcast_shapes(got.shape, batch.shape) == batch.shape
 
 
 def test_default_sample_dims() -> None:
@@ -121,7 +127,10 @@ def test_feature_axis_maps_input_dims_into_the_accumulator() -> None:
     assert feature_axis(2, 3) == 1
     # (N, C, H, W) keeps C, H, W at accumulator axes 1, 2, 3.
     assert [feature_axis(d, 4) for d in (1, 2, 3)] == [1, 2, 3]
-    assert feature_axis(3, 4, sample_dims=[0, 2]) == 2
+    # A sample dim after a kept one stays as a size-1 dim: (N, C, H, W) -> (C, 1, W).
+    assert feature_axis(3, 4, sample_dims=[0, 2]) == 3
+    assert feature_axis(2, 3, sample_dims=[0, 1]) == 1
+    assert feature_axis(0, 3, sample_dims=[1, 2]) == 1
     with pytest.raises(ConfigError, match="sample dimension"):
         feature_axis(1, 3)
 
@@ -260,3 +269,25 @@ def test_step_with_a_mask_that_does_not_fit_the_statistic_stores_nothing() -> No
     with pytest.raises(MaskError, match="does not broadcast"):
         s.step()
     assert torch.equal(s.data_groups["0"]["data"], before)
+
+
+def test_conv1d_channel_statistic_masks_whole_channels() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv1d(4, 3, 1))
+    s = ActivationSparsifier(
+        model, aggregate_fn="abs_mean", reduce_fn="identity", mask_fn="magnitude"
+    )
+    s.register_layer(model[0], sparsity_level=0.5, sample_dims=[0, 2])
+    scale = torch.tensor([0.1, 5.0, 0.2, 3.0])[None, :, None]
+    model(torch.randn(8, 4, 10) * scale)
+    model(torch.randn(1, 4, 3) * scale)  # another length: only C is kept
+    s.step()
+    mask = s.get_mask("0")
+    assert mask.shape == (4, 1)
+    assert mask.flatten().tolist() == [0.0, 1.0, 0.0, 1.0]
+    s.squash_mask()
+    seen: list[torch.Tensor] = []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model(torch.randn(2, 4, 6))
+    assert bool((seen[0][:, [0, 2]] == 0).all())
+    assert bool((seen[0][:, [1, 3]] != 0).all())

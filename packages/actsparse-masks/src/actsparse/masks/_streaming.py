@@ -6,7 +6,10 @@ different shapes can follow each other.
 
 The accumulator is one tensor of shape ``(2, *kept)``: row 0 holds the running
 statistic (a sum, or a maximum for ``abs_max``), row 1 the number of samples
-folded into each position so far. It is in ``float32`` for inputs of a smaller
+folded into each position so far. ``kept`` is the input's shape without its
+leading sample dimensions; a sample dimension that follows a feature
+dimension stays, with size 1, so the statistic (and the mask computed from
+it) broadcasts to the input. It is in ``float32`` for inputs of a smaller
 floating type (so half-precision inputs do not overflow the sum), else in the
 input's floating type. ``finalize`` turns it into the statistic of shape
 ``kept``: the sum divided by the count, or the maximum.
@@ -67,8 +70,23 @@ def resolve_sample_dims(ndim: int, sample_dims: int | Sequence[int] | None) -> t
     return tuple(sorted(out))
 
 
+def _leading(ndim: int, dims: tuple[int, ...]) -> int:
+    """How many dimensions at the front are all sample dimensions."""
+    lead = 0
+    while lead < ndim and lead in dims:
+        lead += 1
+    return lead
+
+
 def _kept_shape(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(size for d, size in enumerate(x.shape) if d not in dims)
+    """The statistic's shape: leading sample dims dropped, later ones kept as 1.
+
+    A sample dim between or after feature dims stays as a dimension of size
+    1, so that the mask computed from the statistic broadcasts to the input
+    the right way round (``(N, C, L)`` folded over N and L gives ``(C, 1)``).
+    """
+    lead = _leading(x.ndim, dims)
+    return tuple(1 if d in dims else x.shape[d] for d in range(lead, x.ndim))
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -89,23 +107,9 @@ def feature_axis(dim: int, ndim: int, sample_dims: int | Sequence[int] | None = 
             f"dimension {dim} is a sample dimension (sample_dims resolves to {list(dims)} "
             f"for {ndim}-dimensional inputs), folded away on every call"
         )
-    # Row 0 / row 1 of the accumulator come first, then the kept dimensions in order.
-    return 1 + sum(1 for d in range(dim) if d not in dims)
-
-
-def _fold(
-    acc: torch.Tensor, x: torch.Tensor, dims: tuple[int, ...], stat: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    if stat.shape != acc.shape[1:]:
-        raise ConfigError(
-            f"the kept dimensions of the input changed from {tuple(acc.shape[1:])} to "
-            f"{tuple(stat.shape)} (input shape {tuple(x.shape)}, sample dimensions "
-            f"{list(dims)}); name the dimensions that vary in sample_dims"
-        )
-    count = 1
-    for d in dims:
-        count *= x.shape[d]
-    return stat, count
+    # Rows 0 and 1 of the accumulator come first, then the input's dimensions
+    # from the first one that is not a sample dimension on.
+    return 1 + dim - _leading(ndim, dims)
 
 
 def _stat(x: torch.Tensor, dims: tuple[int, ...], kind: str, dtype: torch.dtype) -> torch.Tensor:
@@ -114,12 +118,14 @@ def _stat(x: torch.Tensor, dims: tuple[int, ...], kind: str, dtype: torch.dtype)
         x = x.to(dtype)
         return x.square() if kind == "sq" else (x if kind == "sum" else x.abs())
     if kind == "sum":
-        return x.sum(dim=dims, dtype=dtype)
+        return x.sum(dim=dims, dtype=dtype, keepdim=True)
     if kind == "sq":
-        return x.to(dtype).square().sum(dim=dims)
+        return x.to(dtype).square().sum(dim=dims, keepdim=True)
     # vector_norm folds |x| without a temporary of the input's size.
     order = 1.0 if kind == "abs" else float("inf")
-    folded: torch.Tensor = torch.linalg.vector_norm(x, ord=order, dim=dims, dtype=dtype)
+    folded: torch.Tensor = torch.linalg.vector_norm(
+        x, ord=order, dim=dims, dtype=dtype, keepdim=True
+    )
     return folded
 
 
@@ -127,7 +133,9 @@ def _streaming(
     acc: torch.Tensor, x: torch.Tensor, sample_dims: int | Sequence[int] | None, kind: str
 ) -> torch.Tensor:
     dims = resolve_sample_dims(x.ndim, sample_dims)
+    # keepdim, then drop the leading sample dims: the layout of _kept_shape.
     stat = _stat(x, dims, kind, acc.dtype)
+    stat = stat.reshape(stat.shape[_leading(x.ndim, dims) :])
     if stat.shape != acc.shape[1:]:
         raise ConfigError(
             f"the kept dimensions of the input changed from {tuple(acc.shape[1:])} to "
