@@ -19,6 +19,7 @@ PACKAGES = {
     for name in ("core", "masks", "hooks", "serialize")
 }
 FIXTURE_PLUGIN = str(ROOT / "tests" / "fixtures" / "actsparse-fixture-plugin")
+EXAMPLE_PLUGIN = ROOT / "examples" / "actsparse-example-plugin"
 # scikit-learn, matplotlib and tqdm: the actsparse-hooks[demo] extra, for the CLI demo test;
 # safetensors: the tests prove that actsparse's own reader and writer agree with it.
 TEST_DEPS = (
@@ -38,7 +39,7 @@ DOCS_DEPS = (
     "mkdocstrings-python==2.0.11",
 )
 
-nox.options.sessions = ["lint", "typecheck", "tests", "isolated", "docs"]
+nox.options.sessions = ["lint", "typecheck", "tests", "isolated", "example_plugin", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -156,6 +157,15 @@ def isolated(session: nox.Session, package: str) -> None:
     if names != expected:
         session.error(f"installing actsparse-{package} brought {names}, expected {expected}")
     session.run("python", "-c", ISOLATED_SMOKE[package])
+
+
+@nox.session
+def example_plugin(session: nox.Session) -> None:
+    """Install the example plugin beside core, masks and hooks; use its strategies by name."""
+    install(session, PACKAGES["core"], PACKAGES["masks"], PACKAGES["hooks"], *TEST_DEPS)
+    # A regular (non-editable) install: the entry point must come from the built wheel.
+    install(session, str(EXAMPLE_PLUGIN))
+    session.run("pytest", str(EXAMPLE_PLUGIN / "tests"), "-p", "no:cacheprovider")
 
 
 @nox.session

@@ -466,7 +466,7 @@ CASES: dict[str, tuple[Callable[[], Scenario], type[Exception], type[Exception],
         ),
         MaskError,
         ValueError,
-        "values other than 0 and 1",
+        "returned NaN",
     ),
     "mask not a tensor": (
         lambda: _with_first({"mask_fn": _mask_fn(lambda d: [1.0] * 6)}, "step"),

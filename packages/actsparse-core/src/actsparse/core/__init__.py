@@ -38,10 +38,12 @@ from actsparse.core._protocols import (
 )
 from actsparse.core._records import (
     AggregateStrategy,
+    BoundAggregate,
     MaskStrategy,
     ReduceStrategy,
     Serializer,
     infer_params,
+    split_sparse_config,
 )
 from actsparse.core._registry import (
     BLOCK_ENV_VAR,
@@ -71,6 +73,7 @@ __all__ = [
     "ActsparseError",
     "AggregateFn",
     "AggregateStrategy",
+    "BoundAggregate",
     "ConfigError",
     "DataGroup",
     "DuplicateStrategyError",
@@ -100,6 +103,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "infer_params",
+    "split_sparse_config",
     "make_plugin_manager",
     "module_to_fqn",
     "get_plugin_manager",

@@ -29,7 +29,10 @@ def actsparse_aggregate_strategies() -> Sequence[AggregateStrategy]:  # type: ig
     """Return the aggregate strategies this plugin provides.
 
     Each strategy folds a layer's inputs into an accumulator during
-    calibration. Names must be unique across all installed plugins.
+    calibration. Names must be unique across all installed plugins. A
+    strategy whose accumulator drops the sample dims declares
+    ``feature_axis``; one that takes ``sparse_config`` keys declares them in
+    ``params`` (see :class:`AggregateStrategy`).
 
     Example::
 

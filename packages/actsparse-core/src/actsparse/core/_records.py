@@ -7,6 +7,7 @@ it and refuses duplicate names (see :mod:`actsparse.core._registry`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -17,10 +18,12 @@ from actsparse.core._errors import ConfigError
 
 __all__ = [
     "AggregateStrategy",
+    "BoundAggregate",
     "MaskStrategy",
     "ReduceStrategy",
     "Serializer",
     "infer_params",
+    "split_sparse_config",
 ]
 
 
@@ -118,35 +121,97 @@ def infer_params(fn: Callable[..., Any]) -> tuple[frozenset[str] | None, frozens
 
 
 @attrs.frozen
+class BoundAggregate:
+    """An aggregate strategy's callables with its ``sparse_config`` options applied.
+
+    The runtime builds one per registered layer, once, so the forward hook
+    calls plain functions of the data.
+    """
+
+    fn: Callable[[Any, Any], Any]
+    init: Callable[[Any], Any] | None
+    finalize: Callable[[Any], Any] | None
+    feature_axis: Callable[[int, int], int] | None
+
+
+def _bind(fn: Callable[..., Any] | None, options: Mapping[str, Any]) -> Any:
+    if fn is None or not options:
+        return fn
+    return functools.partial(fn, **options)
+
+
+@attrs.frozen
 class AggregateStrategy:
     """How a layer's inputs are folded into an accumulator, one batch at a time.
 
     Attributes:
         name: The name users pass as ``aggregate_fn``.
-        fn: ``fn(accumulator, x) -> accumulator``. Called once per forward pass.
-        init: ``init(x) -> accumulator`` builds the accumulator from the first
-            input; ``None`` means ``torch.zeros_like(x)``, as torch.ao does.
-        finalize: ``finalize(accumulator) -> Tensor`` turns the accumulator into
-            the tensor that the reduce function receives; ``None`` passes it as is.
+        fn: ``fn(accumulator, x, **options) -> accumulator``. Called once per
+            forward pass.
+        init: ``init(x, **options) -> accumulator`` builds the accumulator from
+            the first input; ``None`` means ``torch.zeros_like(x)``, as torch.ao does.
+        finalize: ``finalize(accumulator, **options) -> Tensor`` turns the
+            accumulator into the tensor that the reduce function receives;
+            ``None`` passes it as is.
         elementwise: True when ``fn`` treats every position independently and
             keeps the input's shape (``x + y``). The runtime then aggregates all
             selected features with one call instead of one call per feature.
+        feature_axis: For accumulators that do not keep the input's shape:
+            ``feature_axis(dim, ndim, **options) -> int`` names the dimension of
+            the accumulator (and of the finalized tensor) that holds dimension
+            ``dim`` (non-negative) of an ``ndim``-dimensional input, and raises
+            :class:`ConfigError` when the strategy folds that dimension away.
+            With it the runtime aggregates all selected features with one call,
+            like ``elementwise``, and splits the accumulator along that axis.
+        params: The ``sparse_config`` keys the strategy takes as ``options``
+            (passed to ``fn``, ``init``, ``finalize`` and ``feature_axis``);
+            the mask strategy does not receive them unless it declares them too.
+        required: The keys that must be present.
         description: One line for ``actsparse plugins`` and the docs.
     """
 
     name: str = attrs.field(validator=_check_name)
-    fn: Callable[[Any, Any], Any] = attrs.field(validator=_check_callable)
-    init: Callable[[Any], Any] | None = attrs.field(
-        default=None, validator=_check_optional_callable
-    )
-    finalize: Callable[[Any], Any] | None = attrs.field(
+    fn: Callable[..., Any] = attrs.field(validator=_check_callable)
+    init: Callable[..., Any] | None = attrs.field(default=None, validator=_check_optional_callable)
+    finalize: Callable[..., Any] | None = attrs.field(
         default=None, validator=_check_optional_callable
     )
     elementwise: bool = attrs.field(default=False, validator=_of_type(bool))
+    feature_axis: Callable[..., int] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
+    params: frozenset[str] = attrs.field(
+        factory=frozenset, converter=_to_required, validator=_check_keys
+    )
+    required: frozenset[str] = attrs.field(
+        factory=frozenset, converter=_to_required, validator=_check_keys
+    )
     description: str = attrs.field(default="", validator=_of_type(str))
+
+    def __attrs_post_init__(self) -> None:
+        if not self.required <= self.params:
+            extra = ", ".join(sorted(self.required - self.params))
+            raise ConfigError(
+                f"AggregateStrategy.required names keys missing from "
+                f"AggregateStrategy.params: {extra}"
+            )
+        if self.elementwise and self.feature_axis is not None:
+            raise ConfigError(
+                "AggregateStrategy.elementwise and AggregateStrategy.feature_axis exclude "
+                "each other: an elementwise accumulator keeps every input dimension in place"
+            )
 
     def __call__(self, accumulator: Any, x: Any) -> Any:
         return self.fn(accumulator, x)
+
+    def bind(self, options: Mapping[str, Any]) -> BoundAggregate:
+        """The strategy's callables with ``options`` (its ``sparse_config`` keys) applied."""
+        return BoundAggregate(
+            fn=_bind(self.fn, options),
+            init=_bind(self.init, options),
+            finalize=_bind(self.finalize, options),
+            feature_axis=_bind(self.feature_axis, options),
+        )
 
 
 @attrs.frozen
@@ -221,6 +286,61 @@ class MaskStrategy:
                 f"layer {layer!r}: sparse_config for mask strategy {self.name!r} has "
                 f"{' and '.join(problems)}; it accepts {accepted}"
             )
+
+
+def _accepted(params: frozenset[str] | None) -> str:
+    if params is None:
+        return "any key"
+    return ", ".join(map(repr, sorted(params))) or "no keys"
+
+
+def split_sparse_config(
+    aggregate: AggregateStrategy,
+    mask: MaskStrategy,
+    sparse_config: Mapping[str, Any],
+    *,
+    layer: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route a layer's ``sparse_config`` to its aggregate and mask strategies.
+
+    The aggregate receives the keys it declares in ``params``; the mask
+    receives every other key, and also those that it declares itself. A key
+    that neither accepts, or a required key that is absent, is a
+    :class:`ConfigError` naming the layer, the strategies and the keys they accept.
+
+    Returns:
+        ``(aggregate_options, mask_options)``.
+    """
+    if not aggregate.params:
+        mask.check_config(sparse_config, layer=layer)
+        return {}, dict(sparse_config)
+    aggregate_options = {k: v for k, v in sparse_config.items() if k in aggregate.params}
+    mask_options = {
+        k: v
+        for k, v in sparse_config.items()
+        if k not in aggregate.params or (mask.params is not None and k in mask.params)
+    }
+    problems = []
+    unknown = sorted(
+        k
+        for k in sparse_config
+        if k not in aggregate.params and mask.params is not None and k not in mask.params
+    )
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(map(repr, unknown))}")
+    missing = sorted(
+        (aggregate.required - set(sparse_config)) | (mask.required - set(sparse_config))
+    )
+    if missing:
+        problems.append(f"missing key(s) {', '.join(map(repr, missing))}")
+    if problems:
+        raise ConfigError(
+            f"layer {layer!r}: sparse_config for mask strategy {mask.name!r} and aggregate "
+            f"strategy {aggregate.name!r} has {' and '.join(problems)}; mask strategy "
+            f"{mask.name!r} accepts {_accepted(mask.params)}, aggregate strategy "
+            f"{aggregate.name!r} accepts {_accepted(aggregate.params)}"
+        )
+    return aggregate_options, mask_options
 
 
 @attrs.frozen

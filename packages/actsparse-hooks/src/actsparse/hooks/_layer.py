@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from actsparse.core import (
     CONFIG_KEYS,
     AggregateStrategy,
+    BoundAggregate,
     ConfigError,
     MaskError,
     MaskStrategy,
@@ -27,6 +28,7 @@ from actsparse.core import (
     Registry,
     StrategyError,
     UnknownStrategyError,
+    split_sparse_config,
 )
 
 AGGREGATE = "aggregate"
@@ -131,7 +133,7 @@ def resolve_config(
             f"layer {layer!r}: sparse_config must be a mapping, got {sparse_config!r}"
         )
     mask_strategy: MaskStrategy = resolved[2]
-    mask_strategy.check_config(sparse_config, layer=layer)
+    split_sparse_config(resolved[0], mask_strategy, sparse_config, layer=layer)
     spec = parse_features(layer, config["features"], config["feature_dim"])
     return resolved[0], resolved[1], mask_strategy, spec
 
@@ -160,13 +162,43 @@ class Layer:
     _indices: list[torch.Tensor] | None = None
     # the mask as the sparsify hook applies it (cast, and for features combined)
     _applied: torch.Tensor | None = None
+    # the accumulator dimension that holds feature_dim (fused features only)
+    _axis: int | None = None
+    # the aggregate with its sparse_config options applied, and the mask's options
+    _bound: BoundAggregate = attrs.field(init=False)
+    _mask_options: dict[str, Any] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        options, self._mask_options = split_sparse_config(
+            self.aggregate, self.mask_strategy, self.config["sparse_config"], layer=self.name
+        )
+        self._bound = self.aggregate.bind(options)
 
     # ----------------------------------------------------------------- config
 
     @property
     def fused(self) -> bool:
         """Whether every selected feature is aggregated with one call."""
-        return self.features is not None and self.aggregate.elementwise
+        aggregate = self.aggregate
+        return self.features is not None and (
+            aggregate.elementwise or aggregate.feature_axis is not None
+        )
+
+    def _feature_axis(self, ndim: int) -> int:
+        """Where ``feature_dim`` lies in a fused accumulator, for ``ndim``-dim inputs."""
+        dim = self.features.dim if self.features is not None else 0
+        axis = self._bound.feature_axis
+        if axis is None:  # elementwise: the accumulator keeps the input's shape
+            self._axis = dim
+        else:
+            try:
+                self._axis = axis(dim % ndim, ndim)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"layer {self.name!r}: aggregate strategy {self.aggregate.name!r} "
+                    f"cannot keep features along feature_dim={dim}: {exc}"
+                ) from None
+        return self._axis
 
     def exposed_config(self) -> dict[str, Any]:
         return {key: copy.deepcopy(self.config[key]) for key in CONFIG_KEYS}
@@ -176,9 +208,10 @@ class Layer:
     def exposed_data(self) -> Any:
         """The aggregated data as torch.ao shows it: a tensor, or a list per feature."""
         spec = self.features
-        if self.data is None or spec is None or not self.aggregate.elementwise:
+        if self.data is None or spec is None or not self.fused or isinstance(self.data, list):
             return self.data
-        return list(torch.split(self.data, list(spec.sizes), dim=spec.dim))
+        axis = self._axis if self._axis is not None else spec.dim
+        return list(torch.split(self.data, list(spec.sizes), dim=axis))
 
     def set_exposed_data(self, data: Any) -> None:
         """Restore data given in the exposed form (used by ``load_state_dict``)."""
@@ -190,7 +223,9 @@ class Layer:
                 f"layer {self.name!r}: data must be a list with one tensor per feature "
                 f"({len(self.features.groups)}), got {type(data).__name__}"
             )
-        if not self.fused:
+        if not self.aggregate.elementwise:
+            # Unfused, or the accumulator axis is known only from the next input:
+            # the aggregate hook concatenates the features when it sees one.
             self.data = list(data)
             return
         dim = self.features.dim
@@ -278,8 +313,8 @@ class Layer:
             )
 
     def aggregate_hook(self) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        fn = self.aggregate.fn
-        init = self.aggregate.init or torch.zeros_like
+        fn = self._bound.fn
+        init = self._bound.init or torch.zeros_like
         spec = self.features
         if spec is None:
 
@@ -308,12 +343,17 @@ class Layer:
                     self._check_input(x)
                 index = self._index_on(x.device)
                 selected = x.index_select(dim, index)
+                if acc is None:
+                    self._feature_axis(x.ndim)
+                elif isinstance(acc, list):  # restored per feature by load_state_dict
+                    acc = torch.cat(acc, dim=self._feature_axis(x.ndim))
                 try:
                     new = fn(init(selected) if acc is None else acc, selected)
                 except Exception as exc:
                     raise self._strategy_failed(exc) from exc
                 if acc is None:
-                    self._check_elementwise(new, selected)
+                    if self.aggregate.elementwise:
+                        self._check_elementwise(new, selected)
                     self._first_input(x)
                 self.data = new
 
@@ -459,7 +499,7 @@ class Layer:
     def compute_mask(self) -> Any:
         """The mask that step() stores, validated; nothing is changed here."""
         data = self.data
-        finalize = self.aggregate.finalize
+        finalize = self._bound.finalize
         if self.features is None:
             return self._mask_from(data, finalize, self.input_shape, None)
         per_feature = self.exposed_data()
@@ -498,7 +538,7 @@ class Layer:
             ) from exc
         self._check_finite(reduced, where)
         try:
-            mask = self.mask_strategy.fn(reduced, **self.config["sparse_config"])
+            mask = self.mask_strategy.fn(reduced, **self._mask_options)
         except Exception as exc:
             raise MaskError(
                 f"{where}: computing the mask with reduce {self.reduce.name!r} and mask "
@@ -559,7 +599,12 @@ def check_mask(
     if mask.dtype != torch.bool:
         binary = bool(torch.logical_or(mask == 0, mask == 1).all())
         if not binary:
-            raise MaskError(f"{where}: {source} values other than 0 and 1 (or NaN)")
+            nan = mask.is_floating_point() and bool(mask.isnan().any())
+            raise MaskError(
+                f"{where}: {source} "
+                + ("NaN" if nan else "values other than 0 and 1")
+                + "; a mask holds only zeros and ones"
+            )
     if target is not None:
         try:
             shape = torch.broadcast_shapes(mask.shape, target)  # type: ignore[no-untyped-call]

@@ -7,7 +7,47 @@ plugin; the functions are also importable for direct use.
 from __future__ import annotations
 
 from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
+from actsparse.masks._masks import block_norm_mask, n_m_mask, threshold_mask, topk_mask
+from actsparse.masks._reduces import (
+    identity_reduce,
+    l2_over_batch,
+    max_over_batch,
+    sum_over_batch,
+)
+from actsparse.masks._streaming import (
+    abs_max_aggregate,
+    abs_mean_aggregate,
+    feature_axis,
+    finalize_max,
+    finalize_mean,
+    init_streaming,
+    mean_aggregate,
+    resolve_sample_dims,
+    sq_mean_aggregate,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "magnitude_mask", "mean_over_batch", "sum_aggregate"]
+__all__ = [
+    "__version__",
+    "abs_max_aggregate",
+    "abs_mean_aggregate",
+    "block_norm_mask",
+    "feature_axis",
+    "finalize_max",
+    "finalize_mean",
+    "identity_reduce",
+    "init_streaming",
+    "l2_over_batch",
+    "magnitude_mask",
+    "max_over_batch",
+    "mean_aggregate",
+    "mean_over_batch",
+    "n_m_mask",
+    "resolve_sample_dims",
+    "sq_mean_aggregate",
+    "sum_aggregate",
+    "sum_over_batch",
+    "threshold_mask",
+    "topk_mask",
+]

@@ -4,6 +4,36 @@ from __future__ import annotations
 
 from actsparse.core import AggregateStrategy, MaskStrategy, ReduceStrategy, hookimpl
 from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
+from actsparse.masks._masks import block_norm_mask, n_m_mask, threshold_mask, topk_mask
+from actsparse.masks._reduces import (
+    identity_reduce,
+    l2_over_batch,
+    max_over_batch,
+    sum_over_batch,
+)
+from actsparse.masks._streaming import (
+    SAMPLE_DIMS,
+    abs_max_aggregate,
+    abs_mean_aggregate,
+    feature_axis,
+    finalize_max,
+    finalize_mean,
+    init_streaming,
+    mean_aggregate,
+    sq_mean_aggregate,
+)
+
+
+def _streaming(name: str, fn: object, finalize: object, description: str) -> AggregateStrategy:
+    return AggregateStrategy(
+        name=name,
+        fn=fn,  # type: ignore[arg-type]
+        init=init_streaming,
+        finalize=finalize,  # type: ignore[arg-type]
+        feature_axis=feature_axis,
+        params={SAMPLE_DIMS},
+        description=description + "; keeps only the feature dims (sample_dims are folded)",
+    )
 
 
 @hookimpl
@@ -15,6 +45,10 @@ def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
             elementwise=True,
             description="elementwise running sum of the inputs (x + y), as torch.ao's example",
         ),
+        _streaming("mean", mean_aggregate, finalize_mean, "running mean of x"),
+        _streaming("abs_mean", abs_mean_aggregate, finalize_mean, "running mean of |x|"),
+        _streaming("sq_mean", sq_mean_aggregate, finalize_mean, "running mean of x ** 2"),
+        _streaming("abs_max", abs_max_aggregate, finalize_max, "running maximum of |x|"),
     ]
 
 
@@ -22,6 +56,14 @@ def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
 def actsparse_reduce_strategies() -> list[ReduceStrategy]:
     return [
         ReduceStrategy(name="mean", fn=mean_over_batch, description="mean over dim 0"),
+        ReduceStrategy(
+            name="identity",
+            fn=identity_reduce,
+            description="the data unchanged (the usual choice after a streaming aggregate)",
+        ),
+        ReduceStrategy(name="sum", fn=sum_over_batch, description="sum over dim 0"),
+        ReduceStrategy(name="max", fn=max_over_batch, description="maximum over dim 0"),
+        ReduceStrategy(name="l2", fn=l2_over_batch, description="Euclidean norm over dim 0"),
     ]
 
 
@@ -34,5 +76,32 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
             params={"sparsity_level"},
             required={"sparsity_level"},
             description="zero the round(sparsity_level * n) entries of smallest |x|",
+        ),
+        MaskStrategy(
+            name="threshold",
+            fn=threshold_mask,
+            params={"threshold"},
+            required={"threshold"},
+            description="zero the entries with |x| <= threshold",
+        ),
+        MaskStrategy(
+            name="topk",
+            fn=topk_mask,
+            params={"k", "fraction", "dim"},
+            description="keep the k (or round(fraction * size)) entries of largest |x| along dim",
+        ),
+        MaskStrategy(
+            name="n_m",
+            fn=n_m_mask,
+            params={"n", "m", "dim"},
+            required={"n", "m"},
+            description="keep the n entries of largest |x| in every m consecutive along dim",
+        ),
+        MaskStrategy(
+            name="block_norm",
+            fn=block_norm_mask,
+            params={"sparsity_level", "sparse_block_shape", "zeros_per_block", "norm"},
+            required={"sparsity_level"},
+            description="torch.ao DataNormSparsifier's mask: sparsify the blocks of smallest norm",
         ),
     ]
