@@ -121,12 +121,14 @@ def _stat(x: torch.Tensor, dims: tuple[int, ...], kind: str, dtype: torch.dtype)
         return x.sum(dim=dims, dtype=dtype, keepdim=True)
     if kind == "sq":
         return x.to(dtype).square().sum(dim=dims, keepdim=True)
-    # vector_norm folds |x| without a temporary of the input's size.
-    order = 1.0 if kind == "abs" else float("inf")
-    folded: torch.Tensor = torch.linalg.vector_norm(
-        x, ord=order, dim=dims, dtype=dtype, keepdim=True
-    )
-    return folded
+    if kind == "abs":
+        # abs() then sum(): an input-sized temporary, but an order of magnitude
+        # faster on CPU than vector_norm(ord=1) over a leading dimension.
+        return x.abs().sum(dim=dims, dtype=dtype, keepdim=True)
+    # max |x| = max(max x, -min x): no temporary of the input's size.
+    high = x.amax(dim=dims, keepdim=True)
+    low = x.amin(dim=dims, keepdim=True)
+    return torch.maximum(high, low.neg_()).to(dtype)
 
 
 def _streaming(
@@ -145,8 +147,14 @@ def _streaming(
     count = 1
     for d in dims:
         count *= x.shape[d]
-    folded = torch.maximum(acc[0], stat) if kind == "max" else acc[0] + stat
-    return torch.stack((folded, acc[1] + count))
+    # In place: the accumulator belongs to the runtime, which hands it to no
+    # one else, and every check above runs before it changes.
+    if kind == "max":
+        torch.maximum(acc[0], stat, out=acc[0])
+    else:
+        acc[0].add_(stat)
+    acc[1].add_(count)
+    return acc
 
 
 def mean_aggregate(
