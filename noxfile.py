@@ -125,6 +125,7 @@ else:
 from actsparse.hooks.cli import main
 assert main(['plugins']) == 0
 assert main(['demo', '--quick', '--out', 'never-written']) == 1  # the [demo] extra is absent
+assert main(['inspect', 'absent.safetensors']) == 1  # needs actsparse-serialize
 print('hooks with core: ok')
 """,
     "serialize": """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import actsparse.core as core
+import actsparse.serialize as serialize
 from actsparse.core import MaskStrategy, PluginError, Registry, hookimpl
 from actsparse.hooks import ActivationSparsifier, cli, demo
 
@@ -245,6 +247,34 @@ def test_demo_without_the_builtin_strategies(
     assert_no_traceback(err)
 
 
+def test_demo_without_actsparse_serialize(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "actsparse.serialize", None)
+    code, _, err = run(["demo", "--quick", "--out", str(tmp_path / "out")], capsys)
+    assert code == 1
+    assert "pip install actsparse-serialize" in err
+    assert_no_traceback(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_extra_brings_what_the_demo_imports() -> None:
+    """``actsparse-hooks[demo]`` pulls the siblings the demo needs; the base install does not."""
+    requires = importlib.metadata.requires("actsparse-hooks") or []
+
+    def name(requirement: str) -> str:
+        found = re.match(r"[A-Za-z0-9._-]+", requirement)
+        assert found, requirement
+        return found.group()
+
+    base = {name(r) for r in requires if "extra" not in r}
+    demo_extra = {name(r) for r in requires if re.search(r"extra\s*==\s*['\"]demo['\"]", r)}
+    assert not {"actsparse-masks", "actsparse-serialize"} & base, base
+    assert {"actsparse-masks", "actsparse-serialize", "scikit-learn", "matplotlib", "tqdm"} <= (
+        demo_extra
+    )
+
+
 @pytest.mark.slow
 def test_demo_quick_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out_dir = tmp_path / "demo-out"
@@ -277,8 +307,10 @@ def test_demo_quick_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(png) > 10_000
 
-    # the state file loads into a fresh model with torch's safe loader
-    state = demo._load_state(out_dir / demo.STATE_FILE)
+    # the state file is actsparse.serialize's default format; it loads into a fresh model
+    state_file = out_dir / demo.STATE_FILE
+    assert state_file.name == "sparsifier_state.safetensors"
+    state = serialize.load(state_file, format="safetensors")
     model = demo.DigitsCNN()
     sparsifier = ActivationSparsifier(model)
     sparsifier.load_state_dict(state)
@@ -289,6 +321,15 @@ def test_demo_quick_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     mask = sparsifier.get_mask("fc1")
     assert isinstance(mask, torch.Tensor)
     assert float((mask == 0).float().mean()) == pytest.approx(saved, abs=1 / mask.numel())
+
+    # and `actsparse inspect` describes it
+    code, out, err = run(["inspect", "--json", str(state_file)], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["format"] == "safetensors"
+    assert [layer["name"] for layer in report["layers"]] == list(demo.SPARSIFIED_LAYERS)
+    fc1 = next(layer for layer in report["layers"] if layer["name"] == "fc1")
+    assert fc1["mask"]["zeros"] == int((mask == 0).sum())
 
 
 def test_heavy_packages_load_only_when_a_command_needs_them() -> None:

@@ -1,3 +1,5 @@
-from actsparse.hooks.workflow import main
+"""``python -m actsparse.hooks`` is the ``actsparse`` command."""
+
+from actsparse.hooks.cli import main
 
 raise SystemExit(main())

@@ -9,9 +9,9 @@ and the fraction of zeros that actually enters each layer. It prints the
 table, plots the curve, saves one sparsifier's state and checks that a fresh
 model reloaded from the files gives identical outputs.
 
-scikit-learn, matplotlib and tqdm come with ``pip install "actsparse-hooks[demo]"``;
-the strategies need ``actsparse-masks`` and ``state_dict()`` needs
-``actsparse-serialize``.
+``pip install "actsparse-hooks[demo]"`` brings what it needs beyond this
+package: scikit-learn, matplotlib, tqdm, ``actsparse-masks`` (the strategies)
+and ``actsparse-serialize`` (the state file, in its default safetensors format).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ QUICK_LEVELS = (0.0, 0.5, 0.9)
 #: The layers whose inputs the demo sparsifies.
 SPARSIFIED_LAYERS = ("conv2", "fc1", "fc2")
 
-STATE_FILE = "sparsifier_state.pt"
+STATE_FILE = "sparsifier_state.safetensors"
 MODEL_FILE = "model.pt"
 PLOT_FILE = "accuracy_vs_sparsity.png"
 RESULTS_FILE = "results.json"
@@ -121,21 +121,22 @@ class DemoResult:
 
 
 # ------------------------------------------------------------------ state files
-# These two functions are the only place that decides how the sparsifier state
-# is written; they switch to actsparse.serialize's file API once it lands.
+# The only place that decides how the demo writes the sparsifier state:
+# actsparse.serialize's default format (imported here, when it is needed).
 
 
 def _save_state(sparsifier: ActivationSparsifier, directory: Path) -> Path:
     """Write the sparsifier's state under ``directory``; return the file's path."""
-    path = directory / STATE_FILE
-    torch.save(sparsifier.state_dict(), path)
-    return path
+    from actsparse.serialize import save
+
+    return save(sparsifier, directory / STATE_FILE)
 
 
-def _load_state(path: Path) -> dict[str, Any]:
-    """Read a state written by :func:`_save_state`."""
-    state: dict[str, Any] = torch.load(path, weights_only=True)
-    return state
+def _load_state(sparsifier: ActivationSparsifier, path: Path) -> None:
+    """Load a state written by :func:`_save_state` into ``sparsifier``."""
+    from actsparse.serialize import load_into
+
+    load_into(sparsifier, path)
 
 
 # ------------------------------------------------------------------ helpers
@@ -179,7 +180,14 @@ def _require_dependencies() -> None:
     registry = get_registry()
     for kind, name in (("aggregate", "sum"), ("reduce", "mean"), ("mask", "magnitude")):
         registry.entry(kind, name)  # names the package to install if missing
-    registry.entry("serializer", "sparse_coo")
+    try:
+        import actsparse.serialize  # noqa: F401  (the state file)
+    except ImportError:
+        raise DemoDependencyError(
+            "actsparse demo saves its state with actsparse-serialize: "
+            "pip install actsparse-serialize (or the [demo] extra)"
+        ) from None
+    registry.entry("serializer", "safetensors")
 
 
 def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -407,7 +415,7 @@ def run_demo(
     fresh.load_state_dict(torch.load(files["model"], weights_only=True))
     fresh.eval()
     reloaded = ActivationSparsifier(fresh)
-    reloaded.load_state_dict(_load_state(files["state"]))
+    _load_state(reloaded, files["state"])
     with torch.no_grad():
         identical = torch.equal(fresh(x_test), outputs[chosen])
 

@@ -1,14 +1,12 @@
 """The seed workflow: the small CNN that torch.ao's tests use, calibrated end to end.
 
-``python -m actsparse.hooks`` runs :func:`run_seed_workflow` on random data
-and prints each layer's mask shape and sparsity. It needs the built-in
-strategies (``pip install actsparse-masks``).
+:func:`run_seed_workflow` registers the seed's layers on :class:`SeedCNN`,
+calibrates them on random data, steps and squashes; the tests and the
+benchmarks build on it. It needs the built-in strategies
+(``pip install actsparse-masks``).
 """
 
 from __future__ import annotations
-
-import argparse
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +14,7 @@ from torch import nn
 
 from actsparse.hooks._sparsifier import ActivationSparsifier
 
-__all__ = ["SeedCNN", "main", "mask_sparsity", "run_seed_workflow"]
+__all__ = ["SeedCNN", "mask_sparsity", "run_seed_workflow"]
 
 
 class SeedCNN(nn.Module):
@@ -71,30 +69,3 @@ def run_seed_workflow(
     sparsifier.step()
     sparsifier.squash_mask()
     return model, sparsifier
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m actsparse.hooks",
-        description="Run the seed workflow on the seed CNN with random data.",
-    )
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    model, sparsifier = run_seed_workflow(
-        batches=args.batches, batch_size=args.batch_size, seed=args.seed
-    )
-    print(f"{'layer':<12} {'hook_state':<10} {'mask shape':<28} {'sparsity':>8}")
-    for name, group in sparsifier.data_groups.items():
-        mask = sparsifier.get_mask(name)
-        shape = (
-            "[" + ", ".join(str(tuple(m.shape)) for m in mask) + "]"
-            if isinstance(mask, list)
-            else str(tuple(mask.shape))
-        )
-        print(f"{name:<12} {group['hook_state']:<10} {shape:<28} {mask_sparsity(mask):>8.3f}")
-    with torch.no_grad():
-        out = model(torch.randn(args.batch_size, 1, 28, 28))
-    print(f"masked forward pass: output {tuple(out.shape)}")
-    return 0
