@@ -13,6 +13,7 @@ Blocks in other languages (bash, toml) never run.
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ from actsparse.hooks import cli
 ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 SKIP_MARK = "<!-- docs-test: skip"
-FENCE = re.compile(r"^```(\w*)\s*$")
+# Fences may be indented (inside a list item); the block is dedented before it runs.
+FENCE = re.compile(r"^( *)```(\w*)\s*$")
 
 
 def code_blocks(path: Path) -> list[tuple[int, str, str, bool]]:
@@ -36,12 +38,12 @@ def code_blocks(path: Path) -> list[tuple[int, str, str, bool]]:
         if match is None:
             i += 1
             continue
-        language, start = match.group(1), i
+        language, start = match.group(2), i
         previous = lines[i - 1].strip() if i > 0 else ""
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), None)
         if end is None:
             raise AssertionError(f"{path}:{start + 1}: unclosed code fence")
-        code = "\n".join(lines[start + 1 : end]) + "\n"
+        code = textwrap.dedent("\n".join(lines[start + 1 : end])) + "\n"
         blocks.append((start + 1, language, code, previous.startswith(SKIP_MARK)))
         i = end + 1
     return blocks
