@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from actsparse.core import (
+    COMBINE_OPS,
     ActsparseError,
     AggregateStrategy,
     ConfigError,
@@ -395,3 +396,44 @@ def test_infer_params_on_generated_signatures(names: list[str], data: st.DataObj
     params, required = infer_params(namespace["fn"])
     assert params == (None if var_kw else frozenset(names))
     assert required == frozenset(n for n, d in zip(names, with_default, strict=True) if not d)
+
+
+# ------------------------------------------------------------------ combine
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["mean", "", ["max", "avg"], [], ("sum", 1), 1, True, b"sum", {"sum"}],
+    ids=repr,
+)
+def test_bad_combine_is_refused_naming_the_field(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"AggregateStrategy\.combine") as info:
+        AggregateStrategy(name="agg", fn=_fold, combine=bad)
+    assert "'sum', 'max', 'min'" in str(info.value)
+
+
+@given(st.one_of(st.sampled_from(COMBINE_OPS), st.lists(st.sampled_from(COMBINE_OPS), min_size=1)))
+def test_named_combines_are_accepted_and_lists_become_tuples(spec: Any) -> None:
+    record = AggregateStrategy(name="agg", fn=_fold, combine=spec)
+    assert record.combine == (tuple(spec) if isinstance(spec, list) else spec)
+    assert record.bind({}).combine == record.combine
+
+
+def test_combine_defaults_to_none_and_is_keyword_compatible() -> None:
+    record = AggregateStrategy("agg", _fold, None, None, False, None, (), (), "text")
+    assert record.combine is None
+    assert record.bind({}).combine is None
+
+
+def test_a_callable_combine_gets_the_options_bound() -> None:
+    seen: list[Any] = []
+
+    def combine(acc: Any, group: Any, scale: int = 1) -> Any:
+        seen.append((acc, group, scale))
+        return acc
+
+    record = AggregateStrategy(name="agg", fn=_fold, combine=combine, params={"scale"})
+    bound = record.bind({"scale": 3}).combine
+    assert callable(bound)
+    bound("acc", "group")
+    assert seen == [("acc", "group", 3)]

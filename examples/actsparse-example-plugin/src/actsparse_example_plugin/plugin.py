@@ -54,6 +54,8 @@ def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
             init=init_rate,
             finalize=finalize_rate,
             feature_axis=rate_feature_axis,
+            # both rows are counts: ranks of a torch.distributed group add them up
+            combine="sum",
             description="running fraction of samples in which each feature is positive",
         )
     ]

@@ -37,6 +37,7 @@ from actsparse.core._protocols import (
     ReduceFn,
 )
 from actsparse.core._records import (
+    COMBINE_OPS,
     AggregateStrategy,
     BoundAggregate,
     MaskStrategy,
@@ -64,6 +65,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLOCK_ENV_VAR",
+    "COMBINE_OPS",
     "CONFIG_KEYS",
     "DATA_GROUP_KEYS",
     "ENTRY_POINT_GROUP",

@@ -32,13 +32,16 @@ def actsparse_aggregate_strategies() -> Sequence[AggregateStrategy]:  # type: ig
     calibration. Names must be unique across all installed plugins. A
     strategy whose accumulator drops the sample dims declares
     ``feature_axis``; one that takes ``sparse_config`` keys declares them in
-    ``params`` (see :class:`AggregateStrategy`).
+    ``params``; ``combine`` says how accumulators of several processes merge
+    under ``torch.distributed`` (see :class:`AggregateStrategy`).
 
     Example::
 
         @hookimpl
         def actsparse_aggregate_strategies():
-            return [AggregateStrategy(name="sum", fn=torch.add, elementwise=True)]
+            return [
+                AggregateStrategy(name="sum", fn=torch.add, elementwise=True, combine="sum")
+            ]
     """
 
 

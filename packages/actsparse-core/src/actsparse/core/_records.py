@@ -17,6 +17,7 @@ import attrs
 from actsparse.core._errors import ConfigError
 
 __all__ = [
+    "COMBINE_OPS",
     "AggregateStrategy",
     "BoundAggregate",
     "MaskStrategy",
@@ -85,6 +86,32 @@ def _check_keys(instance: object, attribute: attrs.Attribute[Any], value: object
         )
 
 
+#: The collective reductions that ``AggregateStrategy.combine`` may name.
+COMBINE_OPS = ("sum", "max", "min")
+
+CombineSpec = str | tuple[str, ...] | Callable[..., Any]
+
+
+def _to_combine(value: object) -> object:
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _check_combine(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None or (callable(value) and not isinstance(value, str)):
+        return
+    ops = value if isinstance(value, tuple) else (value,)
+    if ops and all(isinstance(op, str) and op in COMBINE_OPS for op in ops):
+        return
+    raise ConfigError(
+        f"{type(instance).__name__}.{attribute.name} must be None, one of "
+        f"{', '.join(map(repr, COMBINE_OPS))}, a non-empty list of those (one per row of "
+        f"the accumulator along dim 0), or a callable combine(accumulator, group), "
+        f"got {value!r}"
+    )
+
+
 def infer_params(fn: Callable[..., Any]) -> tuple[frozenset[str] | None, frozenset[str]]:
     """Return the keyword parameters that ``fn`` accepts after its data argument.
 
@@ -132,6 +159,8 @@ class BoundAggregate:
     init: Callable[[Any], Any] | None
     finalize: Callable[[Any], Any] | None
     feature_axis: Callable[[int, int], int] | None
+    #: a named reduction (or one per row) as declared, or the callable with options applied
+    combine: CombineSpec | None = None
 
 
 def _bind(fn: Callable[..., Any] | None, options: Mapping[str, Any]) -> Any:
@@ -164,10 +193,24 @@ class AggregateStrategy:
             With it the runtime aggregates all selected features with one call,
             like ``elementwise``, and splits the accumulator along that axis.
         params: The ``sparse_config`` keys the strategy takes as ``options``
-            (passed to ``fn``, ``init``, ``finalize`` and ``feature_axis``);
+            (passed to ``fn``, ``init``, ``finalize``, ``feature_axis`` and a
+            callable ``combine``);
             the mask strategy does not receive them unless it declares them too.
         required: The keys that must be present.
         description: One line for ``actsparse plugins`` and the docs.
+        combine: How accumulators built by several processes merge into the one
+            that a single process would have built from all their inputs;
+            ``step()`` uses it under ``torch.distributed``. One of
+            :data:`COMBINE_OPS` (``"sum"``, ``"max"``, ``"min"``: an all-reduce
+            of the whole accumulator), a list of them with one entry per row
+            of the accumulator along dim 0 (``["max", "sum"]`` for a running
+            maximum in row 0 and a sample count in row 1), or a callable
+            ``combine(accumulator, group, **options) -> accumulator`` that
+            runs collectives on ``group`` itself (a merge of quantile
+            sketches, say) and returns the combined accumulator; it receives
+            a copy it may change in place, and every process calls it.
+            ``None`` (the default) means the accumulator cannot be combined:
+            ``step()`` then refuses to run across processes.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -187,6 +230,9 @@ class AggregateStrategy:
         factory=frozenset, converter=_to_required, validator=_check_keys
     )
     description: str = attrs.field(default="", validator=_of_type(str))
+    combine: CombineSpec | None = attrs.field(
+        default=None, converter=_to_combine, validator=_check_combine
+    )
 
     def __attrs_post_init__(self) -> None:
         if not self.required <= self.params:
@@ -211,6 +257,7 @@ class AggregateStrategy:
             init=_bind(self.init, options),
             finalize=_bind(self.finalize, options),
             feature_axis=_bind(self.feature_axis, options),
+            combine=_bind(self.combine, options) if callable(self.combine) else self.combine,
         )
 
 

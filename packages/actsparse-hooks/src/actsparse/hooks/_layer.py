@@ -207,11 +207,15 @@ class Layer:
 
     def exposed_data(self) -> Any:
         """The aggregated data as torch.ao shows it: a tensor, or a list per feature."""
+        return self._split(self.data)
+
+    def _split(self, data: Any) -> Any:
+        """``data`` (shaped like the accumulator) as a tensor, or a list per feature."""
         spec = self.features
-        if self.data is None or spec is None or not self.fused or isinstance(self.data, list):
-            return self.data
+        if data is None or spec is None or not self.fused or isinstance(data, list):
+            return data
         axis = self._axis if self._axis is not None else spec.dim
-        return list(torch.split(self.data, list(spec.sizes), dim=axis))
+        return list(torch.split(data, list(spec.sizes), dim=axis))
 
     def set_exposed_data(self, data: Any) -> None:
         """Restore data given in the exposed form (used by ``load_state_dict``)."""
@@ -496,13 +500,23 @@ class Layer:
 
     # ------------------------------------------------------------------ step
 
-    def compute_mask(self) -> Any:
-        """The mask that step() stores, validated; nothing is changed here."""
-        data = self.data
+    @property
+    def combine(self) -> Any:
+        """How the accumulator combines across processes (options applied), or None."""
+        return self._bound.combine
+
+    def compute_mask(self, data: Any = None) -> Any:
+        """The mask that step() stores, validated; nothing is changed here.
+
+        ``data`` replaces the layer's own accumulator (step() passes the one
+        combined across processes); it has the same structure.
+        """
+        if data is None:
+            data = self.data
         finalize = self._bound.finalize
         if self.features is None:
             return self._mask_from(data, finalize, self.input_shape, None)
-        per_feature = self.exposed_data()
+        per_feature = self._split(data)
         shapes = self._slice_shapes()
         return [
             self._mask_from(d, finalize, shapes[i] if shapes else None, i)

@@ -13,6 +13,7 @@ from torch import nn
 from actsparse.core import (
     CONFIG_KEYS,
     HOOK_STATES,
+    ActsparseError,
     ConfigError,
     LayerNotFoundError,
     MaskNotReadyError,
@@ -22,6 +23,7 @@ from actsparse.core import (
     get_registry,
     module_to_fqn,
 )
+from actsparse.hooks._distributed import combine_accumulators, resolve_group, uncombinable
 from actsparse.hooks._fold import fold_layers
 from actsparse.hooks._layer import (
     AGGREGATE,
@@ -276,29 +278,69 @@ class ActivationSparsifier:
             )
         return mask
 
-    def step(self) -> None:
+    def step(self, *, process_group: Any = None) -> None:
         """Compute every layer's mask from its aggregated data, then clear the data.
 
         All masks are computed and checked before any is stored: if one layer
         fails, no mask changes and the aggregated data is kept.
+
+        Under ``torch.distributed`` (initialised, more than one process) the
+        layers' accumulators are first combined across the processes with the
+        collective each aggregate strategy declares (``AggregateStrategy.combine``),
+        so every rank computes and stores the masks that one process would
+        compute from all the ranks' inputs. This is a collective call: every
+        rank of the group must call ``step()``, with the same layers registered.
+        The combining works on copies; a failure on any rank is raised on every
+        rank and leaves all of them as they were.
+
+        Args:
+            process_group: The group to combine over. ``None`` (the default)
+                means the default group when ``torch.distributed`` is
+                initialised with more than one process, else no combining; a
+                ``torch.distributed.ProcessGroup`` names a group; ``False``
+                turns combining off, so each process computes masks from its
+                own inputs only (use this to calibrate on one rank alone).
+
+        Raises:
+            StateError: A layer is squashed or has no aggregated data (on any
+                rank), or the ranks' layers or accumulator shapes differ.
+            ConfigError: ``process_group`` is invalid, or combining is on and
+                a layer's aggregate declares no ``combine`` (a plain callable).
+            MaskError: A mask cannot be computed from the (combined) data.
         """
+        group = resolve_group(process_group)
+        problem = self._step_problem(combining=group is not None)
+        if group is None:
+            if problem is not None:
+                raise problem
+            datas = {name: layer.data for name, layer in self._layers.items()}
+        else:
+            datas = combine_accumulators(self._layers, group, problem)
+        # Masks are never inference tensors, even when step() runs in inference mode.
+        with torch.no_grad(), torch.inference_mode(False):
+            masks = {name: layer.compute_mask(datas[name]) for name, layer in self._layers.items()}
+        for name, layer in self._layers.items():
+            layer.mask = masks[name]
+            layer.data = None
+
+    def _step_problem(self, *, combining: bool) -> ActsparseError | None:
+        """The error that keeps step() from running on this process, or None."""
         for name, layer in self._layers.items():
             if layer.hook_state != AGGREGATE:
-                raise StateError(
+                return StateError(
                     f"layer {name!r} is squashed (hook_state={layer.hook_state!r}); "
                     "step() only runs while layers aggregate"
                 )
             if layer.data is None:
-                raise StateError(
+                return StateError(
                     f"layer {name!r} has no aggregated data: run forward passes through it "
                     "before step()"
                 )
-        # Masks are never inference tensors, even when step() runs in inference mode.
-        with torch.no_grad(), torch.inference_mode(False):
-            masks = {name: layer.compute_mask() for name, layer in self._layers.items()}
-        for name, layer in self._layers.items():
-            layer.mask = masks[name]
-            layer.data = None
+            if combining:
+                error = uncombinable(layer)
+                if error is not None:
+                    return error
+        return None
 
     def squash_mask(self, attach_sparsify_hook: bool = True, **kwargs: Any) -> None:
         """Remove the aggregation hooks; with ``attach_sparsify_hook``, apply the masks.

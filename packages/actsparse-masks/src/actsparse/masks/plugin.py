@@ -24,7 +24,9 @@ from actsparse.masks._streaming import (
 )
 
 
-def _streaming(name: str, fn: object, finalize: object, description: str) -> AggregateStrategy:
+def _streaming(
+    name: str, fn: object, finalize: object, description: str, combine: str | list[str]
+) -> AggregateStrategy:
     return AggregateStrategy(
         name=name,
         fn=fn,  # type: ignore[arg-type]
@@ -33,7 +35,14 @@ def _streaming(name: str, fn: object, finalize: object, description: str) -> Agg
         feature_axis=feature_axis,
         params={SAMPLE_DIMS},
         description=description + "; keeps only the feature dims (sample_dims are folded)",
+        combine=combine,
     )
+
+
+#: How streaming accumulators combine across processes: sums and counts add up;
+#: abs_max takes the maximum of row 0 (the running maximum) and adds row 1 (the count).
+SUM_ROWS = "sum"
+MAX_ROWS = ["max", "sum"]
 
 
 @hookimpl
@@ -44,11 +53,12 @@ def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
             fn=sum_aggregate,
             elementwise=True,
             description="elementwise running sum of the inputs (x + y), as torch.ao's example",
+            combine="sum",
         ),
-        _streaming("mean", mean_aggregate, finalize_mean, "running mean of x"),
-        _streaming("abs_mean", abs_mean_aggregate, finalize_mean, "running mean of |x|"),
-        _streaming("sq_mean", sq_mean_aggregate, finalize_mean, "running mean of x ** 2"),
-        _streaming("abs_max", abs_max_aggregate, finalize_max, "running maximum of |x|"),
+        _streaming("mean", mean_aggregate, finalize_mean, "running mean of x", SUM_ROWS),
+        _streaming("abs_mean", abs_mean_aggregate, finalize_mean, "running mean of |x|", SUM_ROWS),
+        _streaming("sq_mean", sq_mean_aggregate, finalize_mean, "running mean of x ** 2", SUM_ROWS),
+        _streaming("abs_max", abs_max_aggregate, finalize_max, "running maximum of |x|", MAX_ROWS),
     ]
 
 
