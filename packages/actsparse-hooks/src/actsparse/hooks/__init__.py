@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
 from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
+from actsparse.hooks._patterns import LayerRule
 from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION, ActivationSparsifier
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "STATE_FORMAT_VERSION",
     "ActivationSparsifier",
     "CalibrationSummary",
+    "LayerRule",
     "PrunedConv1d",
     "PrunedConv2d",
     "PrunedConv3d",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 from actsparse.core import (
     CONFIG_KEYS,
     HOOK_STATES,
+    ActsparseError,
     ConfigError,
     LayerNotFoundError,
     MaskNotReadyError,
@@ -31,6 +32,7 @@ from actsparse.hooks._layer import (
     check_mask,
     resolve_config,
 )
+from actsparse.hooks._patterns import match_rules, merge_config, to_rules
 
 __all__ = ["STATE_FORMAT_VERSION", "ActivationSparsifier"]
 
@@ -229,6 +231,54 @@ class ActivationSparsifier:
             self._layers.pop(name).detach()
         new.attach(AGGREGATE)
         self._layers[name] = new
+
+    def register_layers(
+        self, rules: Mapping[Any, Any] | Iterable[Any], *, missing_ok: bool = False
+    ) -> list[str]:
+        r"""Register every layer that a rule selects, each with its rule's configuration.
+
+        ``rules`` maps selectors to configurations, or lists :class:`~actsparse.hooks.LayerRule`
+        objects and ``(selector, config)`` pairs. A selector is a regular
+        expression that the layer's fully qualified name must match entirely,
+        an ``nn.Module`` subclass, or a tuple of them; a :class:`~actsparse.hooks.LayerRule`
+        can require both. A configuration holds ``register_layer``'s keyword
+        arguments (other keys go to ``sparse_config``) or is None for the defaults::
+
+            sparsifier.register_layers({
+                r"encoder\.layer\.\d+\.intermediate\.dense": {"sparsity_level": 0.4},
+                r"encoder\.layer\.\d+\.output\.dense": {"sparsity_level": 0.5},
+            })
+
+        A layer selected by two rules, a rule that selects no layer (unless
+        ``missing_ok``) and any invalid configuration are errors, raised before
+        anything is registered. Layers registered already are replaced, with
+        one warning. Returns the registered names in the model's order.
+        """
+        if not isinstance(missing_ok, bool):
+            raise ConfigError(f"missing_ok must be a bool, got {missing_ok!r}")
+        selected = match_rules(self.model, to_rules(rules), missing_ok=missing_ok)
+        built = []
+        for name, module, rule in selected:
+            try:
+                built.append(
+                    self._build_layer(name, module, merge_config(self._defaults, rule.config))
+                )
+            except ActsparseError as exc:
+                raise type(exc)(f"{rule.describe()}: {exc}") from exc
+        again = [layer.name for layer in built if layer.name in self._layers]
+        if again:
+            warnings.warn(
+                f"layer(s) {', '.join(map(repr, again))} are already registered; replacing "
+                "them with the new configuration",
+                stacklevel=2,
+            )
+        for layer in built:
+            old = self._layers.pop(layer.name, None)
+            if old is not None:
+                old.detach()
+            layer.attach(AGGREGATE)
+            self._layers[layer.name] = layer
+        return [layer.name for layer in built]
 
     def _build_layer(self, name: str, module: nn.Module, config: dict[str, Any]) -> Layer:
         aggregate, reduce, mask, spec = resolve_config(get_registry(), name, config)
