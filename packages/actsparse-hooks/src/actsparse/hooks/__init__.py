@@ -10,6 +10,7 @@ and a step count or time budget. The ``actsparse`` command line lives in
 from __future__ import annotations
 
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
+from actsparse.hooks._dynamic import SparsityTargetWarning, ThresholdResult
 from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
 from actsparse.hooks._patterns import LayerRule
 from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION, ActivationSparsifier
@@ -25,6 +26,8 @@ __all__ = [
     "PrunedConv2d",
     "PrunedConv3d",
     "PrunedLinear",
+    "SparsityTargetWarning",
+    "ThresholdResult",
     "__version__",
     "calibrate",
 ]

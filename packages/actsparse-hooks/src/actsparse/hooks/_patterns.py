@@ -58,8 +58,7 @@ def _to_config(value: object) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise ConfigError(
-            f"LayerRule.config must be a mapping of register_layer keyword arguments, "
-            f"got {value!r}"
+            f"LayerRule.config must be a mapping of register_layer keyword arguments, got {value!r}"
         )
     return dict(value)
 
@@ -79,9 +78,7 @@ class LayerRule:
     """
 
     pattern: re.Pattern[str] | None = attrs.field(default=None, converter=_to_pattern)
-    module_type: tuple[type[nn.Module], ...] | None = attrs.field(
-        default=None, converter=_to_types
-    )
+    module_type: tuple[type[nn.Module], ...] | None = attrs.field(default=None, converter=_to_types)
     config: dict[str, Any] = attrs.field(factory=dict, converter=_to_config)
 
     def __attrs_post_init__(self) -> None:

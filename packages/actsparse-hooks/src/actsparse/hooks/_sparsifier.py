@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -23,6 +24,7 @@ from actsparse.core import (
     get_registry,
     module_to_fqn,
 )
+from actsparse.hooks._dynamic import ThresholdResult, ValidPositions, warn_unreachable
 from actsparse.hooks._fold import fold_layers
 from actsparse.hooks._layer import (
     AGGREGATE,
@@ -124,6 +126,25 @@ def _check_restored_masks(layer: Layer) -> None:
         )
 
 
+def _restore_threshold(name: str, mask: Any, threshold: Any) -> ThresholdResult | None:
+    if mask is not None:
+        raise SerializationError(
+            f"layer {name!r} is in threshold mode; its state must hold no mask"
+        )
+    if threshold is None:
+        return None
+    keys = {"threshold", "target", "expected_sparsity", "zero_fraction"}
+    if not isinstance(threshold, Mapping) or set(threshold) != keys:
+        raise SerializationError(
+            f"state[{name!r}]['threshold'] must be a mapping with exactly the keys "
+            f"{', '.join(sorted(keys))}"
+        )
+    try:
+        return ThresholdResult(**threshold)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise SerializationError(f"state[{name!r}]['threshold'] is invalid: {exc}") from exc
+
+
 class ActivationSparsifier:
     """Zero the small activations that enter chosen layers of a model.
 
@@ -169,6 +190,7 @@ class ActivationSparsifier:
         }
         self._layers: dict[str, Layer] = {}
         self._folded: list[str] = []
+        self._valid = ValidPositions()
 
     # ---------------------------------------------------------------- views
 
@@ -184,8 +206,38 @@ class ActivationSparsifier:
 
     @property
     def state(self) -> dict[str, dict[str, Any]]:
-        """Layer name -> ``{"mask": mask}``; the mask is None until the layer sees an input."""
-        return {name: {"mask": layer.mask} for name, layer in self._layers.items()}
+        """Layer name -> ``{"mask": mask}``; the mask is None until the layer sees an input.
+
+        A layer in threshold mode has no mask (None); after ``step()`` its entry
+        also holds ``"threshold"``, a :class:`~actsparse.hooks.ThresholdResult`.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for name, layer in self._layers.items():
+            out[name] = {"mask": layer.mask}
+            if layer.threshold is not None:
+                out[name]["threshold"] = layer.threshold
+        return out
+
+    @property
+    def thresholds(self) -> dict[str, ThresholdResult]:
+        """Layer name -> its :class:`~actsparse.hooks.ThresholdResult`, for layers in threshold
+        mode after ``step()``: the threshold, the target, the expected sparsity on the
+        calibration data and whether the target was reachable."""
+        return {n: la.threshold for n, la in self._layers.items() if la.threshold is not None}
+
+    def valid_positions(self, mask: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """Count only the positions where ``mask`` is True while calibrating threshold layers.
+
+        ``mask`` is a bool tensor whose shape is the leading dimensions of each
+        threshold-mode layer's input, such as a ``(batch, seq_len)`` attention
+        mask for inputs of shape ``(batch, seq_len, features)``::
+
+            with sparsifier.valid_positions(batch["attention_mask"].bool()):
+                model(**batch)
+
+        Layers with a static mask strategy ignore it.
+        """
+        return self._valid.active(mask)
 
     # ------------------------------------------------------------ registration
 
@@ -282,6 +334,11 @@ class ActivationSparsifier:
 
     def _build_layer(self, name: str, module: nn.Module, config: dict[str, Any]) -> Layer:
         aggregate, reduce, mask, spec = resolve_config(get_registry(), name, config)
+        if mask.dynamic and spec is not None:
+            raise ConfigError(
+                f"layer {name!r}: mask strategy {mask.name!r} sets one threshold per layer; "
+                "it does not take features"
+            )
         return Layer(
             name=name,
             module=module,
@@ -290,6 +347,7 @@ class ActivationSparsifier:
             reduce=reduce,
             mask_strategy=mask,
             features=spec,
+            valid=self._valid if mask.dynamic else None,
         )
 
     def unregister_layer(self, name: str) -> None:
@@ -319,7 +377,14 @@ class ActivationSparsifier:
                 raise LayerNotFoundError(
                     f"layer {type(layer).__name__} is not a submodule of the model"
                 )
-        mask = self._layer(name).mask
+        found = self._layer(name)
+        if found.dynamic:
+            raise MaskNotReadyError(
+                f"layer {name!r} is in threshold mode (mask strategy "
+                f"{found.mask_strategy.name!r}): its mask depends on each input; see "
+                "sparsifier.thresholds"
+            )
+        mask = found.mask
         if mask is None:
             raise MaskNotReadyError(
                 f"layer {name!r} has no mask yet: run a forward pass through it first"
@@ -347,8 +412,8 @@ class ActivationSparsifier:
         with torch.no_grad(), torch.inference_mode(False):
             masks = {name: layer.compute_mask() for name, layer in self._layers.items()}
         for name, layer in self._layers.items():
-            layer.mask = masks[name]
-            layer.data = None
+            layer.store(masks[name])
+        warn_unreachable({n: m for n, m in masks.items() if isinstance(m, ThresholdResult)})
 
     def squash_mask(self, attach_sparsify_hook: bool = True, **kwargs: Any) -> None:
         """Remove the aggregation hooks; with ``attach_sparsify_hook``, apply the masks.
@@ -365,7 +430,7 @@ class ActivationSparsifier:
         for name, layer in self._layers.items():
             if layer.hook_state == SPARSIFY:
                 raise StateError(f"layer {name!r} is already squashed")
-            if layer.mask is None:
+            if (layer.threshold if layer.dynamic else layer.mask) is None:
                 raise MaskNotReadyError(
                     f"layer {name!r} has no mask: run forward passes and step() before "
                     "squash_mask()"
@@ -417,6 +482,8 @@ class ActivationSparsifier:
             elif mask is not None:
                 mask = mask.clone()
             state[name] = {"mask": mask}
+            if layer.threshold is not None:
+                state[name]["threshold"] = layer.threshold.to_dict()
             group = layer.exposed_config()
             group["hook_state"] = layer.hook_state
             data = layer.exposed_data()
@@ -476,7 +543,8 @@ class ActivationSparsifier:
             )
         new_layers: dict[str, Layer] = {}
         for name, group in groups.items():
-            layer = self._restore_layer(name, group, state.get(name, {}).get("mask"))
+            entry = state.get(name, {})
+            layer = self._restore_layer(name, group, entry.get("mask"), entry.get("threshold"))
             if layer.name in new_layers:
                 raise SerializationError(
                     f"the state dict's layer {name!r} and another one both resolve to the "
@@ -493,7 +561,7 @@ class ActivationSparsifier:
             layer.attach(layer.hook_state)
             self._layers[name] = layer
 
-    def _restore_layer(self, name: str, group: Any, mask: Any) -> Layer:
+    def _restore_layer(self, name: str, group: Any, mask: Any, threshold: Any = None) -> Layer:
         if not isinstance(group, Mapping):
             raise SerializationError(f"data_groups[{name!r}] must be a mapping")
         missing = [key for key in (*CONFIG_KEYS, "hook_state") if key not in group]
@@ -520,7 +588,18 @@ class ActivationSparsifier:
                 )
         elif mask is not None and not isinstance(mask, torch.Tensor):
             raise SerializationError(f"the mask of layer {name!r} must be a tensor")
-        if hook_state == SPARSIFY and mask is None:
+        if layer.dynamic:
+            layer.threshold = _restore_threshold(name, mask, threshold)
+            if hook_state == SPARSIFY and layer.threshold is None:
+                raise SerializationError(
+                    f"layer {name!r} is squashed in threshold mode but its state holds no threshold"
+                )
+        elif threshold is not None:
+            raise SerializationError(
+                f"the state of layer {name!r} holds a threshold but its mask strategy "
+                f"{layer.mask_strategy.name!r} is not dynamic"
+            )
+        elif hook_state == SPARSIFY and mask is None:
             raise SerializationError(f"layer {name!r} is squashed but its state holds no mask")
         layer.mask = _not_inference(mask)
         layer.hook_state = hook_state
