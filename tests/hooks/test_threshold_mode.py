@@ -104,10 +104,8 @@ def test_half_precision_inputs(dtype: torch.dtype, level: float) -> None:
     assert model(x).dtype == dtype
     achieved = sparsity_after(model, model[1], x)
     assert abs(achieved - level) <= 0.01, (achieved, level)
-    applied = sparsifier._layers["1"]._applied
-    assert applied is not None
-    assert applied.dtype == dtype
-    expected = out.masked_fill(out.abs() <= applied, 0)
+    threshold = torch.tensor(sparsifier.thresholds["1"].threshold, dtype=dtype)
+    expected = out.masked_fill(out.abs() <= threshold, 0)
     seen: list[torch.Tensor] = []
     handle = model[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     model(x)
@@ -226,12 +224,17 @@ def test_get_mask_and_features_in_threshold_mode() -> None:
         sparsifier.squash_mask()  # before step(): no threshold yet
 
 
-def test_sparsify_hook_reuses_its_threshold_tensor() -> None:
+def test_sparsify_hook_zeroes_at_and_below_the_threshold() -> None:
     model, sparsifier, _g = calibrate_and_squash(normal, 0.5)
-    model(torch.randn(4, 64))
-    first = sparsifier._layers["1"]._applied
-    model(torch.randn(9, 64))
-    assert sparsifier._layers["1"]._applied is first
+    t = sparsifier.thresholds["1"].threshold
+    x = torch.tensor([[-2 * t, -t, -t / 2, 0.0, t / 2, t, 2 * t, float("nan")]]).repeat(1, 8)
+    seen: list[torch.Tensor] = []
+    handle = model[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model(x)
+    handle.remove()
+    expected = torch.tensor([[-2 * t, 0, 0, 0, 0, 0, 2 * t, float("nan")]]).repeat(1, 8)
+    assert torch.equal(seen[0].isnan(), expected.isnan())
+    assert torch.equal(seen[0].nan_to_num(), expected.nan_to_num())
 
 
 def test_sparsify_hook_compiles_without_graph_breaks() -> None:

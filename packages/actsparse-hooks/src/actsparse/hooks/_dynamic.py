@@ -4,8 +4,8 @@ Such a layer aggregates a statistic of ``|x|`` while calibrating (the
 built-in pair is the ``abs_histogram`` aggregate and the ``target_threshold``
 mask), ``step()`` turns it into one threshold per layer, and after
 ``squash_mask()`` its pre-hook zeroes, per input, the entries with
-``|x| <= threshold``. The threshold is cast once per device and dtype; the
-hook then runs ``abs``, a comparison and ``masked_fill`` and builds nothing else.
+``|x| <= threshold`` with one ``hardshrink`` call (the threshold is a Python
+float, rounded to the input's dtype by the kernel); it builds no other tensor.
 
 Valid positions: inside ``with sparsifier.valid_positions(mask):`` the
 aggregate of every threshold-mode layer receives ``valid=mask`` reshaped to
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from actsparse.core import ConfigError, MaskError
 
@@ -144,24 +145,16 @@ def aggregate_hook(layer: Layer) -> Callable[[nn.Module, tuple[Any, ...]], None]
 
 
 def sparsify_hook(layer: Layer) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
-    layer._applied = None
+    if layer.threshold is None:  # squash_mask() and load_state_dict() refuse this
+        raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
+    result = layer.threshold
 
     def threshold_sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        x = args[0]
-        t = layer._applied
-        if t is None or t.device != x.device or t.dtype != x.dtype:
-            t = layer._applied = threshold_tensor(layer, x)
-        return (x.masked_fill(x.abs() <= t, 0), *args[1:])
+        # hardshrink keeps x where |x| > t and writes 0 elsewhere: one kernel, and
+        # the threshold is a Python float, so nothing else is built per call.
+        return (F.hardshrink(args[0], result.threshold), *args[1:])
 
     return threshold_sparsify_hook
-
-
-def threshold_tensor(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-    result = layer.threshold
-    if result is None:  # squash_mask() refuses this; a guard for direct hook use
-        raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
-    with torch.inference_mode(False):
-        return torch.tensor(result.threshold, dtype=x.dtype, device=x.device)
 
 
 def compute_threshold(layer: Layer) -> ThresholdResult:
