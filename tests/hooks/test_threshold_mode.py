@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from actsparse import serialize
-from actsparse.core import ConfigError, MaskNotReadyError, SerializationError
-from actsparse.hooks import ActivationSparsifier, SparsityTargetWarning, ThresholdResult
+from actsparse.core import ConfigError, MaskError, MaskNotReadyError, SerializationError, StateError
+from actsparse.hooks import (
+    ActivationSparsifier,
+    SparsityTargetWarning,
+    ThresholdResult,
+    allocate_greedy,
+    layer_sensitivity,
+)
 
 Sampler = Callable[[torch.Generator, tuple[int, ...]], torch.Tensor]
 
@@ -310,3 +317,57 @@ def test_threshold_result_validates_its_fields() -> None:
         ThresholdResult(0.1, 1.5, 0.5, 0.0)
     with pytest.raises(ConfigError, match=r"ThresholdResult\.threshold"):
         ThresholdResult(float("nan"), 0.5, 0.5, 0.0)
+
+
+def test_retarget_moves_thresholds_without_calibrating_again() -> None:
+    model, sparsifier, g = calibrate_and_squash(laplace, 0.5)
+    before = sparsifier.thresholds["1"]
+    sparsifier.retarget({"1": 0.8})
+    after = sparsifier.thresholds["1"]
+    assert after.target == 0.8
+    assert after.threshold > before.threshold
+    assert sparsifier.data_groups["1"]["sparse_config"] == {"sparsity_level": 0.8}
+    achieved = sparsity_after(model, model[1], laplace(g, (64, 16, 64)))
+    assert abs(achieved - 0.8) <= 0.01
+    with pytest.raises(MaskError, match="sparsity_level must be a number"):
+        sparsifier.retarget({"1": 1.5})
+    assert sparsifier.thresholds["1"] == after
+    other = ActivationSparsifier(model)
+    other.load_state_dict(sparsifier.state_dict())
+    with pytest.raises(StateError, match="holds no calibration statistics"):
+        other.retarget({"1": 0.3})
+
+
+def test_greedy_allocation_spends_sparsity_where_it_costs_least() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[3].weight.mul_(10.0)  # the last layer's input matters most
+    dense = copy.deepcopy(model)
+    sparsifier = ActivationSparsifier(
+        model, aggregate_fn="abs_histogram", reduce_fn="identity", mask_fn="target_threshold"
+    )
+    sparsifier.register_layers({nn.Linear: {"sparsity_level": 0.5}})
+    held_out = torch.randn(256, 32)
+    for _ in range(4):
+        model(torch.randn(256, 32))
+    sparsifier.step()
+    sparsifier.squash_mask()
+
+    def error() -> float:
+        with torch.no_grad():
+            return float((model(held_out) - dense(held_out)).pow(2).mean())
+
+    table = layer_sensitivity(sparsifier, error, [0.25, 0.5, 0.75])
+    assert set(table) == {"1", "2", "3"}
+    assert table["1"][0.0] == 0.0
+    assert sparsifier.thresholds["1"].target == 0.5  # put back
+    levels = allocate_greedy(table, 0.5, dict.fromkeys(table, 1.0))
+    assert sum(levels.values()) / 3 == pytest.approx(0.5)
+    assert levels["3"] < levels["1"]
+    sparsifier.retarget(levels)
+    greedy = error()
+    sparsifier.retarget(dict.fromkeys(levels, 0.5))
+    assert greedy < error()
+    with pytest.raises(ConfigError, match="weights must name exactly"):
+        allocate_greedy(table, 0.5, {"1": 1.0})

@@ -9,6 +9,7 @@ and a step count or time budget. The ``actsparse`` command line lives in
 
 from __future__ import annotations
 
+from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
 from actsparse.hooks._dynamic import SparsityTargetWarning, ThresholdResult
 from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
@@ -29,5 +30,7 @@ __all__ = [
     "SparsityTargetWarning",
     "ThresholdResult",
     "__version__",
+    "allocate_greedy",
     "calibrate",
+    "layer_sensitivity",
 ]

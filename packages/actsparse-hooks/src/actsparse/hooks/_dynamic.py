@@ -18,15 +18,15 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from actsparse.core import ConfigError, MaskError
+from actsparse.core import ConfigError, LayerNotFoundError, MaskError, StateError
 
 if TYPE_CHECKING:
     from actsparse.hooks._layer import Layer
@@ -147,37 +147,56 @@ def aggregate_hook(layer: Layer) -> Callable[[nn.Module, tuple[Any, ...]], None]
 def sparsify_hook(layer: Layer) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
     if layer.threshold is None:  # squash_mask() and load_state_dict() refuse this
         raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
-    result = layer.threshold
 
     def threshold_sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         # hardshrink keeps x where |x| > t and writes 0 elsewhere: one kernel, and
         # the threshold is a Python float, so nothing else is built per call.
+        result = cast(ThresholdResult, layer.threshold)
         return (F.hardshrink(args[0], result.threshold), *args[1:])
 
     return threshold_sparsify_hook
 
 
-def compute_threshold(layer: Layer) -> ThresholdResult:
+@attrs.frozen
+class Computed:
+    """What step() computes for a threshold-mode layer: the result and the reduced statistic."""
+
+    result: ThresholdResult
+    reduced: Any
+
+
+def compute_threshold(layer: Layer) -> Computed:
     """The threshold that step() stores for a threshold-mode layer; changes nothing."""
-    where = f"layer {layer.name!r}"
     try:
         data = layer.data
         finalize = layer._bound.finalize
         if finalize is not None:
             data = finalize(data)
         reduced = layer.reduce.fn(data)
-        out = layer.mask_strategy.fn(reduced, **layer._mask_options)
     except Exception as exc:
         raise MaskError(
-            f"{where}: computing the threshold with reduce {layer.reduce.name!r} and mask "
-            f"{layer.mask_strategy.name!r} failed: {exc!r}"
+            f"layer {layer.name!r}: computing the threshold with reduce {layer.reduce.name!r} "
+            f"and mask {layer.mask_strategy.name!r} failed: {exc!r}"
+        ) from exc
+    return Computed(threshold_for(layer, reduced, layer._mask_options), reduced)
+
+
+def threshold_for(layer: Layer, reduced: Any, options: Mapping[str, Any]) -> ThresholdResult:
+    """Call the layer's dynamic mask strategy on ``reduced`` and check what it returns."""
+    where = f"layer {layer.name!r}"
+    try:
+        out = layer.mask_strategy.fn(reduced, **options)
+    except Exception as exc:
+        raise MaskError(
+            f"{where}: computing the threshold with mask {layer.mask_strategy.name!r} "
+            f"failed: {exc!r}"
         ) from exc
     if not isinstance(out, tuple) or len(out) != 3:
         raise MaskError(
             f"{where}: dynamic mask strategy {layer.mask_strategy.name!r} returned "
             f"{type(out).__name__}, not (threshold, expected_sparsity, zero_fraction)"
         )
-    target: Any = layer._mask_options.get("sparsity_level", out[1])
+    target: Any = options.get("sparsity_level", out[1])
     try:
         return ThresholdResult(out[0], target, out[1], out[2])
     except (ConfigError, TypeError, ValueError) as exc:
@@ -186,7 +205,35 @@ def compute_threshold(layer: Layer) -> ThresholdResult:
         ) from exc
 
 
-def warn_unreachable(results: dict[str, ThresholdResult]) -> None:
+def retarget(layers: Mapping[str, Layer], levels: Mapping[str, Any]) -> None:
+    """Recompute the thresholds of ``levels``' layers for new sparsity levels, from the
+    statistics of their last step(); nothing changes if one fails."""
+    new: dict[str, ThresholdResult] = {}
+    for name, level in levels.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise LayerNotFoundError(
+                f"no layer named {name!r} is registered (registered: "
+                f"{', '.join(map(repr, layers)) or 'none'})"
+            )
+        if not layer.dynamic:
+            raise StateError(f"layer {name!r} is not in threshold mode; it cannot be retargeted")
+        if layer._reduced is None:
+            raise StateError(
+                f"layer {name!r} holds no calibration statistics: retarget() works after "
+                "step() in this process (state dicts do not keep the histogram)"
+            )
+        options = {**layer._mask_options, "sparsity_level": level}
+        new[name] = threshold_for(layer, layer._reduced, options)
+    for name, result in new.items():
+        layer = layers[name]
+        layer.threshold = result
+        layer._mask_options = {**layer._mask_options, "sparsity_level": levels[name]}
+        layer.config["sparse_config"]["sparsity_level"] = levels[name]
+    warn_unreachable(new)
+
+
+def warn_unreachable(results: Mapping[str, ThresholdResult]) -> None:
     bad = {name: r for name, r in results.items() if not r.reachable}
     if not bad:
         return

@@ -171,6 +171,8 @@ class Layer:
     threshold: ThresholdResult | None = None
     #: threshold mode: the sparsifier's valid-position mask holder
     valid: ValidPositions | None = None
+    # threshold mode: the reduced statistic of the last step(), for retargeting
+    _reduced: Any = None
     # the aggregate with its sparse_config options applied, and the mask's options
     _bound: BoundAggregate = attrs.field(init=False)
     _mask_options: dict[str, Any] = attrs.field(init=False)
@@ -535,8 +537,8 @@ class Layer:
     def store(self, computed: Any) -> None:
         """Keep what :meth:`compute_mask` returned and clear the aggregated data."""
         if self.dynamic:
-            self.threshold = computed
-            self._applied = None
+            self.threshold = computed.result
+            self._reduced = computed.reduced
         else:
             self.mask = computed
         self.data = None

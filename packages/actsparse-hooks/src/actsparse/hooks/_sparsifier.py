@@ -24,7 +24,13 @@ from actsparse.core import (
     get_registry,
     module_to_fqn,
 )
-from actsparse.hooks._dynamic import ThresholdResult, ValidPositions, warn_unreachable
+from actsparse.hooks._dynamic import (
+    Computed,
+    ThresholdResult,
+    ValidPositions,
+    retarget,
+    warn_unreachable,
+)
 from actsparse.hooks._fold import fold_layers
 from actsparse.hooks._layer import (
     AGGREGATE,
@@ -225,6 +231,19 @@ class ActivationSparsifier:
         calibration data and whether the target was reachable."""
         return {n: la.threshold for n, la in self._layers.items() if la.threshold is not None}
 
+    def retarget(self, levels: Mapping[str, float]) -> None:
+        """Give threshold-mode layers new sparsity levels without calibrating again.
+
+        ``levels`` maps layer names to levels in [0, 1]. Each threshold is
+        recomputed from the statistics that the layer's last ``step()`` in this
+        process used (state dicts do not keep them), before or after
+        ``squash_mask()``; the layers' ``sparse_config`` follow. Nothing
+        changes if a name or a level is refused.
+        """
+        if not isinstance(levels, Mapping):
+            raise ConfigError(f"levels must map layer names to levels, got {levels!r}")
+        retarget(self._layers, levels)
+
     def valid_positions(self, mask: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         """Count only the positions where ``mask`` is True while calibrating threshold layers.
 
@@ -413,7 +432,7 @@ class ActivationSparsifier:
             masks = {name: layer.compute_mask() for name, layer in self._layers.items()}
         for name, layer in self._layers.items():
             layer.store(masks[name])
-        warn_unreachable({n: m for n, m in masks.items() if isinstance(m, ThresholdResult)})
+        warn_unreachable({n: m.result for n, m in masks.items() if isinstance(m, Computed)})
 
     def squash_mask(self, attach_sparsify_hook: bool = True, **kwargs: Any) -> None:
         """Remove the aggregation hooks; with ``attach_sparsify_hook``, apply the masks.
