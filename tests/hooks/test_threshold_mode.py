@@ -342,7 +342,7 @@ def test_greedy_allocation_spends_sparsity_where_it_costs_least() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Identity(), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4))
     with torch.no_grad():
-        model[3].weight.mul_(10.0)  # the last layer's input matters most
+        model[1].weight.mul_(0.05)  # errors in the first layer's input are damped 20x
     dense = copy.deepcopy(model)
     sparsifier = ActivationSparsifier(
         model, aggregate_fn="abs_histogram", reduce_fn="identity", mask_fn="target_threshold"
@@ -364,7 +364,7 @@ def test_greedy_allocation_spends_sparsity_where_it_costs_least() -> None:
     assert sparsifier.thresholds["1"].target == 0.5  # put back
     levels = allocate_greedy(table, 0.5, dict.fromkeys(table, 1.0))
     assert sum(levels.values()) / 3 == pytest.approx(0.5)
-    assert levels["3"] < levels["1"]
+    assert levels["1"] > max(levels["2"], levels["3"])
     sparsifier.retarget(levels)
     greedy = error()
     sparsifier.retarget(dict.fromkeys(levels, 0.5))
