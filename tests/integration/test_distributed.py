@@ -47,6 +47,15 @@ def builtin_aggregates() -> list[str]:
     ]
 
 
+#: Aggregates for threshold mode, whose mask strategy is dynamic: they get a
+#: case of their own, with target_threshold instead of magnitude.
+THRESHOLD_AGGREGATES = {"abs_histogram"}
+
+
+def static_aggregates() -> list[str]:
+    return [name for name in builtin_aggregates() if name not in THRESHOLD_AGGREGATES]
+
+
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 6)).double()
@@ -133,6 +142,26 @@ def calibrate_case(
     if path is not None:
         save(named, path)
     return {"masks": masks_of(named), "stats": stats}
+
+
+def threshold_case(aggregate: str, data: list[torch.Tensor], path: Path | None) -> dict[str, Any]:
+    """Thresholds (and with ``path`` a state file) of one threshold-mode calibration."""
+    model = make_model()
+    sparsifier = ActivationSparsifier(
+        model,
+        aggregate_fn=aggregate,
+        reduce_fn="identity",
+        mask_fn="target_threshold",
+        # Above the zero fraction after the ReLU (about 0.48), so reachable.
+        sparsity_level=0.6,
+    )
+    sparsifier.register_layer(model[0])
+    sparsifier.register_layer(model[3])
+    feed(model, data)
+    sparsifier.step()
+    if path is not None:
+        save(sparsifier, path)
+    return {"thresholds": {n: r.to_dict() for n, r in sparsifier.thresholds.items()}}
 
 
 def _sum_all_reduce(accumulator: torch.Tensor, group: Any) -> torch.Tensor:
@@ -230,10 +259,14 @@ def worker(rank: int, init_file: str, out: Path) -> None:
             results[case] = {"crash": traceback.format_exc()}
 
     try:
-        for aggregate in builtin_aggregates():
+        for aggregate in static_aggregates():
             data = shard(batches(batch_sizes(aggregate)), rank)
             path = out / f"{aggregate}-rank{rank}.safetensors"
             run(aggregate, functools.partial(calibrate_case, aggregate, data, path))
+        for aggregate in sorted(THRESHOLD_AGGREGATES):
+            data = shard(batches(batch_sizes(aggregate)), rank)
+            path = out / f"{aggregate}-rank{rank}.safetensors"
+            run(aggregate, functools.partial(threshold_case, aggregate, data, path))
         sums = shard(batches(batch_sizes("sum")), rank)
         run("callable_combine", lambda: calibrate_case(CALLABLE_COMBINE, sums, None))
         group = dist.new_group(list(range(WORLD)))
@@ -309,7 +342,7 @@ def _assert_stats_close(got: dict[str, Any], want: dict[str, Any]) -> None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("aggregate", builtin_aggregates())
+@pytest.mark.parametrize("aggregate", static_aggregates())
 def test_every_rank_gets_the_masks_of_one_process_on_all_data(
     ranks: tuple[Path, list[dict[str, Any]]], aggregate: str, tmp_path: Path
 ) -> None:
@@ -334,6 +367,28 @@ def test_every_rank_gets_the_masks_of_one_process_on_all_data(
             {k: v["mask"] for k, v in got["state"].items()},
             {k: v["mask"] for k, v in want["state"].items()},
         )
+
+
+@pytest.mark.parametrize("aggregate", sorted(THRESHOLD_AGGREGATES))
+def test_every_rank_gets_the_thresholds_of_one_process_on_all_data(
+    ranks: tuple[Path, list[dict[str, Any]]], aggregate: str, tmp_path: Path
+) -> None:
+    out, results = ranks
+    data = batches(batch_sizes(aggregate))
+    single = threshold_case(aggregate, data, tmp_path / "one.safetensors")
+    assert set(single["thresholds"]) == {"0", "3"}
+    for result in results:
+        # Histogram counts are integers: the combined thresholds are exact.
+        assert _case(result, aggregate)["thresholds"] == single["thresholds"]
+    alone = threshold_case(aggregate, shard(data, 0), None)
+    assert alone["thresholds"] != single["thresholds"]
+    want = load(tmp_path / "one.safetensors")
+    for rank in range(WORLD):
+        got = load(out / f"{aggregate}-rank{rank}.safetensors")
+        assert got["data_groups"] == want["data_groups"]
+        assert {k: v.get("threshold") for k, v in got["state"].items()} == {
+            k: v.get("threshold") for k, v in want["state"].items()
+        }
 
 
 def test_every_builtin_aggregate_declares_combine() -> None:

@@ -290,6 +290,10 @@ class MaskStrategy:
         params: The ``sparse_config`` keys ``fn`` accepts; ``None`` accepts any.
         required: The keys that must be present.
         description: One line for ``actsparse plugins`` and the docs.
+        dynamic: True for a threshold strategy: ``fn(reduced, **sparse_config)``
+            returns ``(threshold, expected_sparsity, zero_fraction)`` (floats)
+            instead of a mask, and after ``squash_mask()`` the layer zeroes,
+            per input, the entries with ``|x| <= threshold``.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -301,6 +305,7 @@ class MaskStrategy:
         factory=frozenset, converter=_to_required, validator=_check_keys
     )
     description: str = attrs.field(default="", validator=_of_type(str))
+    dynamic: bool = attrs.field(default=False, validator=_of_type(bool))
 
     def __attrs_post_init__(self) -> None:
         if self.params is not None and not self.required <= self.params:

@@ -9,8 +9,11 @@ and a step count or time budget. The ``actsparse`` command line lives in
 
 from __future__ import annotations
 
+from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
+from actsparse.hooks._dynamic import SparsityTargetWarning, ThresholdResult
 from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
+from actsparse.hooks._patterns import LayerRule
 from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION, ActivationSparsifier
 
 __version__ = "0.1.0"
@@ -19,10 +22,15 @@ __all__ = [
     "STATE_FORMAT_VERSION",
     "ActivationSparsifier",
     "CalibrationSummary",
+    "LayerRule",
     "PrunedConv1d",
     "PrunedConv2d",
     "PrunedConv3d",
     "PrunedLinear",
+    "SparsityTargetWarning",
+    "ThresholdResult",
     "__version__",
+    "allocate_greedy",
     "calibrate",
+    "layer_sensitivity",
 ]

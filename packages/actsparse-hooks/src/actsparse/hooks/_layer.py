@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import torch
@@ -30,6 +30,9 @@ from actsparse.core import (
     UnknownStrategyError,
     split_sparse_config,
 )
+
+if TYPE_CHECKING:
+    from actsparse.hooks._dynamic import ThresholdResult, ValidPositions
 
 AGGREGATE = "aggregate"
 SPARSIFY = "sparsify"
@@ -164,6 +167,12 @@ class Layer:
     _applied: torch.Tensor | None = None
     # the accumulator dimension that holds feature_dim (fused features only)
     _axis: int | None = None
+    #: threshold mode (a ``dynamic`` mask strategy): the result of step()
+    threshold: ThresholdResult | None = None
+    #: threshold mode: the sparsifier's valid-position mask holder
+    valid: ValidPositions | None = None
+    # threshold mode: the reduced statistic of the last step(), for retargeting
+    _reduced: Any = None
     # the aggregate with its sparse_config options applied, and the mask's options
     _bound: BoundAggregate = attrs.field(init=False)
     _mask_options: dict[str, Any] = attrs.field(init=False)
@@ -175,6 +184,11 @@ class Layer:
         self._bound = self.aggregate.bind(options)
 
     # ----------------------------------------------------------------- config
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the layer is in threshold mode (its mask strategy is ``dynamic``)."""
+        return self.mask_strategy.dynamic
 
     @property
     def fused(self) -> bool:
@@ -487,7 +501,14 @@ class Layer:
     def attach(self, state: str) -> None:
         """Attach the hook that ``state`` names (replacing any attached one)."""
         self.detach()
-        if state == AGGREGATE:
+        if self.dynamic:
+            from actsparse.hooks import _dynamic
+
+            if state == AGGREGATE:
+                self.handle = self.module.register_forward_pre_hook(_dynamic.aggregate_hook(self))
+            elif state == SPARSIFY:
+                self.handle = self.module.register_forward_pre_hook(_dynamic.sparsify_hook(self))
+        elif state == AGGREGATE:
             self.handle = self.module.register_forward_pre_hook(self.aggregate_hook())
         elif state == SPARSIFY:
             self.handle = self.module.register_forward_pre_hook(self.sparsify_hook())
@@ -506,13 +527,17 @@ class Layer:
         return self._bound.combine
 
     def compute_mask(self, data: Any = None) -> Any:
-        """The mask that step() stores, validated; nothing is changed here.
+        """The mask (or threshold) that step() stores, validated; nothing is changed here.
 
         ``data`` replaces the layer's own accumulator (step() passes the one
         combined across processes); it has the same structure.
         """
         if data is None:
             data = self.data
+        if self.dynamic:
+            from actsparse.hooks._dynamic import compute_threshold
+
+            return compute_threshold(self, data)
         finalize = self._bound.finalize
         if self.features is None:
             return self._mask_from(data, finalize, self.input_shape, None)
@@ -522,6 +547,15 @@ class Layer:
             self._mask_from(d, finalize, shapes[i] if shapes else None, i)
             for i, d in enumerate(per_feature)
         ]
+
+    def store(self, computed: Any) -> None:
+        """Keep what :meth:`compute_mask` returned and clear the aggregated data."""
+        if self.dynamic:
+            self.threshold = computed.result
+            self._reduced = computed.reduced
+        else:
+            self.mask = computed
+        self.data = None
 
     def _slice_shapes(self) -> list[tuple[int, ...]] | None:
         if self.input_shape is None or self.features is None:

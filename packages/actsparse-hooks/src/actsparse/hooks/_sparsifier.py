@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,6 +25,13 @@ from actsparse.core import (
     module_to_fqn,
 )
 from actsparse.hooks._distributed import combine_accumulators, resolve_group, uncombinable
+from actsparse.hooks._dynamic import (
+    Computed,
+    ThresholdResult,
+    ValidPositions,
+    retarget,
+    warn_unreachable,
+)
 from actsparse.hooks._fold import fold_layers
 from actsparse.hooks._layer import (
     AGGREGATE,
@@ -33,6 +41,7 @@ from actsparse.hooks._layer import (
     check_mask,
     resolve_config,
 )
+from actsparse.hooks._patterns import match_rules, merge_config, to_rules
 
 __all__ = ["STATE_FORMAT_VERSION", "ActivationSparsifier"]
 
@@ -124,6 +133,25 @@ def _check_restored_masks(layer: Layer) -> None:
         )
 
 
+def _restore_threshold(name: str, mask: Any, threshold: Any) -> ThresholdResult | None:
+    if mask is not None:
+        raise SerializationError(
+            f"layer {name!r} is in threshold mode; its state must hold no mask"
+        )
+    if threshold is None:
+        return None
+    keys = {"threshold", "target", "expected_sparsity", "zero_fraction"}
+    if not isinstance(threshold, Mapping) or set(threshold) != keys:
+        raise SerializationError(
+            f"state[{name!r}]['threshold'] must be a mapping with exactly the keys "
+            f"{', '.join(sorted(keys))}"
+        )
+    try:
+        return ThresholdResult(**threshold)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise SerializationError(f"state[{name!r}]['threshold'] is invalid: {exc}") from exc
+
+
 class ActivationSparsifier:
     """Zero the small activations that enter chosen layers of a model.
 
@@ -169,6 +197,7 @@ class ActivationSparsifier:
         }
         self._layers: dict[str, Layer] = {}
         self._folded: list[str] = []
+        self._valid = ValidPositions()
 
     # ---------------------------------------------------------------- views
 
@@ -184,8 +213,51 @@ class ActivationSparsifier:
 
     @property
     def state(self) -> dict[str, dict[str, Any]]:
-        """Layer name -> ``{"mask": mask}``; the mask is None until the layer sees an input."""
-        return {name: {"mask": layer.mask} for name, layer in self._layers.items()}
+        """Layer name -> ``{"mask": mask}``; the mask is None until the layer sees an input.
+
+        A layer in threshold mode has no mask (None); after ``step()`` its entry
+        also holds ``"threshold"``, a :class:`~actsparse.hooks.ThresholdResult`.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for name, layer in self._layers.items():
+            out[name] = {"mask": layer.mask}
+            if layer.threshold is not None:
+                out[name]["threshold"] = layer.threshold
+        return out
+
+    @property
+    def thresholds(self) -> dict[str, ThresholdResult]:
+        """Layer name -> its :class:`~actsparse.hooks.ThresholdResult`, for layers in threshold
+        mode after ``step()``: the threshold, the target, the expected sparsity on the
+        calibration data and whether the target was reachable."""
+        return {n: la.threshold for n, la in self._layers.items() if la.threshold is not None}
+
+    def retarget(self, levels: Mapping[str, float]) -> None:
+        """Give threshold-mode layers new sparsity levels without calibrating again.
+
+        ``levels`` maps layer names to levels in [0, 1]. Each threshold is
+        recomputed from the statistics that the layer's last ``step()`` in this
+        process used (state dicts do not keep them), before or after
+        ``squash_mask()``; the layers' ``sparse_config`` follow. Nothing
+        changes if a name or a level is refused.
+        """
+        if not isinstance(levels, Mapping):
+            raise ConfigError(f"levels must map layer names to levels, got {levels!r}")
+        retarget(self._layers, levels)
+
+    def valid_positions(self, mask: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """Count only the positions where ``mask`` is True while calibrating threshold layers.
+
+        ``mask`` is a bool tensor whose shape is the leading dimensions of each
+        threshold-mode layer's input, such as a ``(batch, seq_len)`` attention
+        mask for inputs of shape ``(batch, seq_len, features)``::
+
+            with sparsifier.valid_positions(batch["attention_mask"].bool()):
+                model(**batch)
+
+        Layers with a static mask strategy ignore it.
+        """
+        return self._valid.active(mask)
 
     # ------------------------------------------------------------ registration
 
@@ -232,8 +304,61 @@ class ActivationSparsifier:
         new.attach(AGGREGATE)
         self._layers[name] = new
 
+    def register_layers(
+        self, rules: Mapping[Any, Any] | Iterable[Any], *, missing_ok: bool = False
+    ) -> list[str]:
+        r"""Register every layer that a rule selects, each with its rule's configuration.
+
+        ``rules`` maps selectors to configurations, or lists :class:`~actsparse.hooks.LayerRule`
+        objects and ``(selector, config)`` pairs. A selector is a regular
+        expression that the layer's fully qualified name must match entirely,
+        an ``nn.Module`` subclass, or a tuple of them; a :class:`~actsparse.hooks.LayerRule`
+        can require both. A configuration holds ``register_layer``'s keyword
+        arguments (other keys go to ``sparse_config``) or is None for the defaults::
+
+            sparsifier.register_layers({
+                r"encoder\.layer\.\d+\.intermediate\.dense": {"sparsity_level": 0.4},
+                r"encoder\.layer\.\d+\.output\.dense": {"sparsity_level": 0.5},
+            })
+
+        A layer selected by two rules, a rule that selects no layer (unless
+        ``missing_ok``) and any invalid configuration are errors, raised before
+        anything is registered. Layers registered already are replaced, with
+        one warning. Returns the registered names in the model's order.
+        """
+        if not isinstance(missing_ok, bool):
+            raise ConfigError(f"missing_ok must be a bool, got {missing_ok!r}")
+        selected = match_rules(self.model, to_rules(rules), missing_ok=missing_ok)
+        built = []
+        for name, module, rule in selected:
+            try:
+                built.append(
+                    self._build_layer(name, module, merge_config(self._defaults, rule.config))
+                )
+            except ActsparseError as exc:
+                raise type(exc)(f"{rule.describe()}: {exc}") from exc
+        again = [layer.name for layer in built if layer.name in self._layers]
+        if again:
+            warnings.warn(
+                f"layer(s) {', '.join(map(repr, again))} are already registered; replacing "
+                "them with the new configuration",
+                stacklevel=2,
+            )
+        for layer in built:
+            old = self._layers.pop(layer.name, None)
+            if old is not None:
+                old.detach()
+            layer.attach(AGGREGATE)
+            self._layers[layer.name] = layer
+        return [layer.name for layer in built]
+
     def _build_layer(self, name: str, module: nn.Module, config: dict[str, Any]) -> Layer:
         aggregate, reduce, mask, spec = resolve_config(get_registry(), name, config)
+        if mask.dynamic and spec is not None:
+            raise ConfigError(
+                f"layer {name!r}: mask strategy {mask.name!r} sets one threshold per layer; "
+                "it does not take features"
+            )
         return Layer(
             name=name,
             module=module,
@@ -242,6 +367,7 @@ class ActivationSparsifier:
             reduce=reduce,
             mask_strategy=mask,
             features=spec,
+            valid=self._valid if mask.dynamic else None,
         )
 
     def unregister_layer(self, name: str) -> None:
@@ -271,7 +397,14 @@ class ActivationSparsifier:
                 raise LayerNotFoundError(
                     f"layer {type(layer).__name__} is not a submodule of the model"
                 )
-        mask = self._layer(name).mask
+        found = self._layer(name)
+        if found.dynamic:
+            raise MaskNotReadyError(
+                f"layer {name!r} is in threshold mode (mask strategy "
+                f"{found.mask_strategy.name!r}): its mask depends on each input; see "
+                "sparsifier.thresholds"
+            )
+        mask = found.mask
         if mask is None:
             raise MaskNotReadyError(
                 f"layer {name!r} has no mask yet: run a forward pass through it first"
@@ -320,8 +453,8 @@ class ActivationSparsifier:
         with torch.no_grad(), torch.inference_mode(False):
             masks = {name: layer.compute_mask(datas[name]) for name, layer in self._layers.items()}
         for name, layer in self._layers.items():
-            layer.mask = masks[name]
-            layer.data = None
+            layer.store(masks[name])
+        warn_unreachable({n: m.result for n, m in masks.items() if isinstance(m, Computed)})
 
     def _step_problem(self, *, combining: bool) -> ActsparseError | None:
         """The error that keeps step() from running on this process, or None."""
@@ -357,7 +490,7 @@ class ActivationSparsifier:
         for name, layer in self._layers.items():
             if layer.hook_state == SPARSIFY:
                 raise StateError(f"layer {name!r} is already squashed")
-            if layer.mask is None:
+            if (layer.threshold if layer.dynamic else layer.mask) is None:
                 raise MaskNotReadyError(
                     f"layer {name!r} has no mask: run forward passes and step() before "
                     "squash_mask()"
@@ -409,6 +542,8 @@ class ActivationSparsifier:
             elif mask is not None:
                 mask = mask.clone()
             state[name] = {"mask": mask}
+            if layer.threshold is not None:
+                state[name]["threshold"] = layer.threshold.to_dict()
             group = layer.exposed_config()
             group["hook_state"] = layer.hook_state
             data = layer.exposed_data()
@@ -468,7 +603,8 @@ class ActivationSparsifier:
             )
         new_layers: dict[str, Layer] = {}
         for name, group in groups.items():
-            layer = self._restore_layer(name, group, state.get(name, {}).get("mask"))
+            entry = state.get(name, {})
+            layer = self._restore_layer(name, group, entry.get("mask"), entry.get("threshold"))
             if layer.name in new_layers:
                 raise SerializationError(
                     f"the state dict's layer {name!r} and another one both resolve to the "
@@ -485,7 +621,7 @@ class ActivationSparsifier:
             layer.attach(layer.hook_state)
             self._layers[name] = layer
 
-    def _restore_layer(self, name: str, group: Any, mask: Any) -> Layer:
+    def _restore_layer(self, name: str, group: Any, mask: Any, threshold: Any = None) -> Layer:
         if not isinstance(group, Mapping):
             raise SerializationError(f"data_groups[{name!r}] must be a mapping")
         missing = [key for key in (*CONFIG_KEYS, "hook_state") if key not in group]
@@ -512,7 +648,18 @@ class ActivationSparsifier:
                 )
         elif mask is not None and not isinstance(mask, torch.Tensor):
             raise SerializationError(f"the mask of layer {name!r} must be a tensor")
-        if hook_state == SPARSIFY and mask is None:
+        if layer.dynamic:
+            layer.threshold = _restore_threshold(name, mask, threshold)
+            if hook_state == SPARSIFY and layer.threshold is None:
+                raise SerializationError(
+                    f"layer {name!r} is squashed in threshold mode but its state holds no threshold"
+                )
+        elif threshold is not None:
+            raise SerializationError(
+                f"the state of layer {name!r} holds a threshold but its mask strategy "
+                f"{layer.mask_strategy.name!r} is not dynamic"
+            )
+        elif hook_state == SPARSIFY and mask is None:
             raise SerializationError(f"layer {name!r} is squashed but its state holds no mask")
         layer.mask = _not_inference(mask)
         layer.hook_state = hook_state

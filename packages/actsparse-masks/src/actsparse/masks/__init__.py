@@ -7,6 +7,12 @@ plugin; the functions are also importable for direct use.
 from __future__ import annotations
 
 from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
+from actsparse.masks._histogram import (
+    abs_histogram_aggregate,
+    finalize_histogram,
+    init_histogram,
+    target_threshold,
+)
 from actsparse.masks._masks import block_norm_mask, n_m_mask, threshold_mask, topk_mask
 from actsparse.masks._reduces import (
     identity_reduce,
@@ -30,13 +36,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "abs_histogram_aggregate",
     "abs_max_aggregate",
     "abs_mean_aggregate",
     "block_norm_mask",
     "feature_axis",
+    "finalize_histogram",
     "finalize_max",
     "finalize_mean",
     "identity_reduce",
+    "init_histogram",
     "init_streaming",
     "l2_over_batch",
     "magnitude_mask",
@@ -48,6 +57,7 @@ __all__ = [
     "sq_mean_aggregate",
     "sum_aggregate",
     "sum_over_batch",
+    "target_threshold",
     "threshold_mask",
     "topk_mask",
 ]

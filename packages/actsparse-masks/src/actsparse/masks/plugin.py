@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from actsparse.core import AggregateStrategy, MaskStrategy, ReduceStrategy, hookimpl
 from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
+from actsparse.masks._histogram import (
+    HISTOGRAM_PARAMS,
+    abs_histogram_aggregate,
+    finalize_histogram,
+    init_histogram,
+    target_threshold,
+)
 from actsparse.masks._masks import block_norm_mask, n_m_mask, threshold_mask, topk_mask
 from actsparse.masks._reduces import (
     identity_reduce,
@@ -59,6 +66,16 @@ def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
         _streaming("abs_mean", abs_mean_aggregate, finalize_mean, "running mean of |x|", SUM_ROWS),
         _streaming("sq_mean", sq_mean_aggregate, finalize_mean, "running mean of x ** 2", SUM_ROWS),
         _streaming("abs_max", abs_max_aggregate, finalize_max, "running maximum of |x|", MAX_ROWS),
+        AggregateStrategy(
+            name="abs_histogram",
+            fn=abs_histogram_aggregate,
+            init=init_histogram,
+            finalize=finalize_histogram,
+            params=HISTOGRAM_PARAMS,
+            combine="sum",
+            description="log-spaced histogram of |x| over all positions (bounded memory), "
+            "for target_threshold",
+        ),
     ]
 
 
@@ -113,5 +130,14 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
             params={"sparsity_level", "sparse_block_shape", "zeros_per_block", "norm"},
             required={"sparsity_level"},
             description="torch.ao DataNormSparsifier's mask: sparsify the blocks of smallest norm",
+        ),
+        MaskStrategy(
+            name="target_threshold",
+            fn=target_threshold,
+            params={"sparsity_level"},
+            required={"sparsity_level"},
+            dynamic=True,
+            description="dynamic: zero |x| <= t per input, t calibrated from an abs_histogram "
+            "to reach sparsity_level",
         ),
     ]
