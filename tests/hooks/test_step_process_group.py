@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -77,25 +75,7 @@ def test_without_torch_distributed_step_runs_locally(process_group: object) -> N
         assert _same(default.get_mask(name), plain.get_mask(name))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def one_process_group() -> Iterator[None]:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is absent")
-def test_a_group_of_one_needs_no_combine(one_process_group: None) -> None:
+def test_a_group_of_one_needs_no_combine(group_of_one: None) -> None:
     # A plain callable cannot be combined, but with one process there is nothing to combine.
     _, sparsifier = _calibrated()
     sparsifier.step()
@@ -106,19 +86,6 @@ def test_a_group_of_one_needs_no_combine(one_process_group: None) -> None:
 
 
 # ------------------------------------------------- the bucketing bookkeeping
-
-
-@pytest.fixture(scope="module")
-def module_group() -> Iterator[None]:
-    if not dist.is_available():
-        pytest.skip("torch.distributed is absent")
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 _DTYPES = [torch.float32, torch.float64, torch.int64]
@@ -154,7 +121,7 @@ def _fake_layers(draw: st.DrawFn) -> dict[str, Any]:
 @settings(max_examples=40, deadline=None)
 @given(layers=_fake_layers())
 def test_combining_over_one_process_gives_back_every_accumulator(
-    module_group: None, layers: dict[str, Any]
+    module_group_of_one: None, layers: dict[str, Any]
 ) -> None:
     before = {name: copy.deepcopy(layer.data) for name, layer in layers.items()}
     combined = combine_accumulators(layers, dist.group.WORLD, None)

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import copy
-import socket
-from collections.abc import Iterator
 
-import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -36,30 +32,13 @@ def _calibrated(
     return sparsifier
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def process_group() -> Iterator[None]:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _roundtrip(source: ActivationSparsifier, target_model: nn.Module) -> ActivationSparsifier:
     target = ActivationSparsifier(target_model)
     target.load_state_dict(source.state_dict())
     return target
 
 
-def test_ddp_state_loads_into_plain_model_and_back(process_group: None) -> None:
+def test_ddp_state_loads_into_plain_model_and_back(group_of_one: None) -> None:
     plain = _net()
     ddp = DistributedDataParallel(copy.deepcopy(plain))
     saved = _calibrated(ddp, [ddp.module[0], ddp.module[2]])

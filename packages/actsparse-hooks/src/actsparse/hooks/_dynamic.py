@@ -170,16 +170,7 @@ def compute_threshold(layer: Layer, data: Any) -> Computed:
 
     ``data`` is the layer's accumulator, or the one combined across processes.
     """
-    try:
-        finalize = layer._bound.finalize
-        if finalize is not None:
-            data = finalize(data)
-        reduced = layer.reduce.fn(data)
-    except Exception as exc:
-        raise MaskError(
-            f"layer {layer.name!r}: computing the threshold with reduce {layer.reduce.name!r} "
-            f"and mask {layer.mask_strategy.name!r} failed: {exc!r}"
-        ) from exc
+    reduced = layer.reduce_data(data, f"layer {layer.name!r}", "threshold")
     return Computed(threshold_for(layer, reduced, layer._mask_options), reduced)
 
 

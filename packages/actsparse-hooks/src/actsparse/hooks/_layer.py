@@ -538,14 +538,12 @@ class Layer:
             from actsparse.hooks._dynamic import compute_threshold
 
             return compute_threshold(self, data)
-        finalize = self._bound.finalize
         if self.features is None:
-            return self._mask_from(data, finalize, self.input_shape, None)
+            return self._mask_from(data, self.input_shape, None)
         per_feature = self._split(data)
         shapes = self._slice_shapes()
         return [
-            self._mask_from(d, finalize, shapes[i] if shapes else None, i)
-            for i, d in enumerate(per_feature)
+            self._mask_from(d, shapes[i] if shapes else None, i) for i, d in enumerate(per_feature)
         ]
 
     def store(self, computed: Any) -> None:
@@ -567,23 +565,24 @@ class Layer:
             out.append(tuple(shape))
         return out
 
-    def _mask_from(
-        self,
-        data: Any,
-        finalize: Callable[[Any], Any] | None,
-        target: tuple[int, ...] | None,
-        feature: int | None,
-    ) -> torch.Tensor:
-        where = f"layer {self.name!r}" + ("" if feature is None else f", features[{feature}]")
+    def reduce_data(self, data: Any, where: str, what: str) -> Any:
+        """``data`` finalized and reduced; a failure is a MaskError naming ``where``."""
         try:
+            finalize = self._bound.finalize
             if finalize is not None:
                 data = finalize(data)
-            reduced = self.reduce.fn(data)
+            return self.reduce.fn(data)
         except Exception as exc:
             raise MaskError(
-                f"{where}: computing the mask with reduce {self.reduce.name!r} and mask "
+                f"{where}: computing the {what} with reduce {self.reduce.name!r} and mask "
                 f"{self.mask_strategy.name!r} failed: {exc!r}"
             ) from exc
+
+    def _mask_from(
+        self, data: Any, target: tuple[int, ...] | None, feature: int | None
+    ) -> torch.Tensor:
+        where = f"layer {self.name!r}" + ("" if feature is None else f", features[{feature}]")
+        reduced = self.reduce_data(data, where, "mask")
         self._check_finite(reduced, where)
         try:
             mask = self.mask_strategy.fn(reduced, **self._mask_options)
