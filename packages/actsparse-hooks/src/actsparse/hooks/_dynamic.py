@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from actsparse.core import ConfigError, LayerNotFoundError, MaskError, StateError
+from actsparse.hooks._layer import no_graph
 
 if TYPE_CHECKING:
     from actsparse.hooks._layer import Layer
@@ -127,7 +128,7 @@ def aggregate_hook(layer: Layer) -> Callable[[nn.Module, tuple[Any, ...]], None]
     holder = layer.valid
 
     def threshold_aggregate_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
+        x = no_graph(args[0])
         acc = layer.data
         valid = holder.mask if holder is not None else None
         options = {} if valid is None else {"valid": _valid_for(layer, valid, x)}

@@ -141,6 +141,16 @@ def resolve_config(
     return resolved[0], resolved[1], mask_strategy, spec
 
 
+def no_graph(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cut from autograd, so the accumulator never holds a graph.
+
+    Only a tensor that requires grad is detached: calibration usually runs
+    under ``torch.no_grad()``, where a detach would be one more operator on
+    every call for nothing.
+    """
+    return x.detach() if x.requires_grad else x
+
+
 @attrs.define(eq=False)
 class Layer:
     """The runtime record of one registered layer."""
@@ -337,7 +347,7 @@ class Layer:
         if spec is None:
 
             def aggregate_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = args[0].detach()  # the accumulator never holds an autograd graph
+                x = no_graph(args[0])
                 acc = self.data
                 # Compute first, then commit: a raising strategy changes nothing.
                 try:
@@ -355,7 +365,7 @@ class Layer:
         if self.fused:
 
             def aggregate_features_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = args[0].detach()
+                x = no_graph(args[0])
                 acc = self.data
                 if acc is None:
                     self._check_input(x)
@@ -380,7 +390,7 @@ class Layer:
         def aggregate_each_feature_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             # A callable that is not known to be elementwise gets one call per
             # feature, as torch.ao does; registered elementwise strategies avoid this.
-            x = args[0].detach()
+            x = no_graph(args[0])
             acc = self.data
             if acc is None:
                 self._check_input(x)
