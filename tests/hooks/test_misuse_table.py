@@ -97,6 +97,7 @@ def snapshot(model: nn.Module, sparsifier: ActivationSparsifier) -> dict[str, An
         "masks": {name: _clone(s["mask"]) for name, s in sparsifier.state.items()},
         "defaults": sparsifier.defaults,
         "weights": {k: v.clone() for k, v in model.state_dict().items()},
+        "thresholds": dict(sparsifier.thresholds),
     }
 
 
@@ -118,6 +119,7 @@ def _same_value(left: Any, right: Any, where: str) -> None:
 def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert before["hooks"] == after["hooks"], "the model's hooks changed"
     assert before["defaults"] == after["defaults"], "the defaults changed"
+    assert before["thresholds"] == after["thresholds"], "the thresholds changed"
     assert before["groups"].keys() == after["groups"].keys(), "the registered layers changed"
     for name, group in before["groups"].items():
         other = after["groups"][name]
@@ -663,6 +665,120 @@ CASES["layer not in the model"] = (
     LayerNotFoundError,
     AssertionError,
     "layer Linear is not a submodule of the model",
+)
+
+
+# ---- threshold mode and registration by pattern
+
+THRESHOLD = {
+    "aggregate_fn": "abs_histogram",
+    "reduce_fn": "identity",
+    "mask_fn": "target_threshold",
+}
+
+
+def _threshold_stepped() -> tuple[Net, ActivationSparsifier]:
+    """``first`` in threshold mode (its input has no zeros), ``second`` static."""
+    model, s = make()
+    s.register_layer(model.first, **THRESHOLD)
+    s.register_layer(model.second)
+    model(_x(seed=1))
+    model(_x(seed=2))
+    s.step()
+    return model, s
+
+
+def _on_threshold(call: Callable[[ActivationSparsifier], object]) -> Scenario:
+    model, s = _threshold_stepped()
+    return model, s, lambda: call(s)
+
+
+def _threshold_calibrating(mask: torch.Tensor) -> Scenario:
+    model, s = _threshold_stepped()
+    model(_x(seed=3))
+
+    def call() -> None:
+        with s.valid_positions(mask):
+            model(_x(seed=4))
+
+    return model, s, call
+
+
+CASES.update(
+    {
+        "register_layers: two rules select one layer": (
+            lambda: _with_first_call(
+                lambda m, s: s.register_layers({r"fir.*": None, nn.Linear: None})
+            ),
+            ConfigError,
+            ValueError,
+            "layer 'first' is selected by two rules",
+        ),
+        "register_layers: a rule selects nothing": (
+            lambda: _with_first_call(lambda m, s: s.register_layers({r"third": None})),
+            ConfigError,
+            ValueError,
+            "selected no layer",
+        ),
+        "register_layers: one bad config": (
+            lambda: _with_first_call(
+                lambda m, s: s.register_layers(
+                    {r"first": {"sparsity_level": 0.2}, r"second": {"features": [0]}}
+                )
+            ),
+            ConfigError,
+            ValueError,
+            "feature_dim",
+        ),
+        "threshold mode with features": (
+            lambda: _with_first({**THRESHOLD, "features": [0], "feature_dim": 1}, "register"),
+            ConfigError,
+            ValueError,
+            "does not take features",
+        ),
+        "get_mask of a threshold-mode layer": (
+            lambda: _on_threshold(lambda s: s.get_mask("first")),
+            MaskNotReadyError,
+            ValueError,
+            "threshold mode",
+        ),
+        "retarget a static layer": (
+            lambda: _on_threshold(lambda s: s.retarget({"second": 0.3})),
+            StateError,
+            RuntimeError,
+            "not in threshold mode",
+        ),
+        "retarget with one static layer changes no layer": (
+            lambda: _on_threshold(lambda s: s.retarget({"first": 0.3, "second": 0.2})),
+            StateError,
+            RuntimeError,
+            "layer 'second' is not in threshold mode",
+        ),
+        "retarget to a level above 1": (
+            lambda: _on_threshold(lambda s: s.retarget({"first": 1.5})),
+            MaskError,
+            ValueError,
+            "sparsity_level",
+        ),
+        "retarget an unknown layer": (
+            lambda: _on_threshold(lambda s: s.retarget({"ghost": 0.3})),
+            LayerNotFoundError,
+            KeyError,
+            "no layer named 'ghost'",
+        ),
+        "valid_positions with a float mask": (
+            lambda: _threshold_calibrating(torch.ones(4)),
+            ConfigError,
+            ValueError,
+            "needs a bool tensor",
+        ),
+        "valid_positions of the wrong shape": (
+            lambda: _threshold_calibrating(torch.ones(5, dtype=torch.bool)),
+            ConfigError,
+            ValueError,
+            "does not match the leading dimensions",
+        ),
+    }
 )
 
 
