@@ -143,6 +143,14 @@ def test_changing_kept_dims_is_an_error_that_names_sample_dims() -> None:
     with pytest.raises(ConfigError, match="sample_dims"):
         bound.fn(raw, torch.randn(2, 9))
     assert acc.shape == (8,)
+    # A batch of one whose kept dims hold as many elements in another shape
+    # must not be reshaped into the accumulator.
+    conv = strategy.bind({"sample_dims": [0]})
+    kept = conv.init(torch.randn(2, 3, 4))
+    for other in (torch.randn(1, 4, 3), torch.randn(1, 12)):
+        with pytest.raises(ConfigError, match="kept dimensions of the input changed"):
+            conv.fn(kept, other)
+    assert torch.equal(kept, torch.zeros(2, 3, 4))
 
 
 def test_half_precision_inputs_accumulate_in_float32() -> None:
@@ -151,6 +159,26 @@ def test_half_precision_inputs_accumulate_in_float32() -> None:
     acc = strategy.fn(strategy.init(x), x)
     assert acc.dtype == torch.float32
     torch.testing.assert_close(strategy.finalize(acc), torch.full((4,), 900.0))
+
+
+@pytest.mark.parametrize("name", STREAMING)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize(("shape", "sample_dims"), [((1, 5), None), ((1, 3, 1), [0, 2])])
+def test_one_sample_updates_as_the_folding_path_does(
+    name: str, dtype: torch.dtype, shape: tuple[int, ...], sample_dims: list[int] | None
+) -> None:
+    # A single sample skips the fold over size-1 dims; adding an all-zero
+    # sample forces the fold and changes no sum or maximum of |x|, so row 0
+    # must come out bit-identical (300 ** 2 overflows float16: squares must
+    # be taken in the accumulator's type on both paths).
+    strategy = get_registry().get("aggregate", name).bind({"sample_dims": sample_dims})
+    x = (torch.linspace(-300, 300, torch.Size(shape).numel()).reshape(shape)).to(dtype)
+    one = strategy.fn(strategy.init(x), x)
+    folded = strategy.fn(strategy.init(x), torch.cat([x, torch.zeros_like(x)]))
+    assert one.dtype == folded.dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.equal(one[0], folded[0])
+    assert torch.equal(one[1], torch.ones_like(one[1]))
+    assert torch.equal(folded[1], torch.full_like(folded[1], 2.0))
 
 
 def _accumulator_bytes(aggregate: str, batch: int) -> int:

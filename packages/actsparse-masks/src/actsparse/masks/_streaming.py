@@ -112,11 +112,19 @@ def feature_axis(dim: int, ndim: int, sample_dims: int | Sequence[int] | None = 
     return 1 + dim - _leading(ndim, dims)
 
 
+def _elementwise(x: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The statistic of one sample: x, |x| or x**2 (squared in ``dtype``).
+
+    ``x`` may stay in a smaller floating type: the in-place update of the
+    accumulator computes in the accumulator's type.
+    """
+    if kind == "sq":
+        return x.to(dtype).square()
+    return x if kind == "sum" else x.abs()
+
+
 def _stat(x: torch.Tensor, dims: tuple[int, ...], kind: str, dtype: torch.dtype) -> torch.Tensor:
     """``x`` folded over ``dims``: a sum of x, |x| or x**2, or a max of |x|."""
-    if not dims:  # nothing to fold (an empty dim tuple would mean "all" to torch)
-        x = x.to(dtype)
-        return x.square() if kind == "sq" else (x if kind == "sum" else x.abs())
     if kind == "sum":
         return x.sum(dim=dims, dtype=dtype, keepdim=True)
     if kind == "sq":
@@ -128,27 +136,33 @@ def _stat(x: torch.Tensor, dims: tuple[int, ...], kind: str, dtype: torch.dtype)
     # max |x| = max(max x, -min x): no temporary of the input's size.
     high = x.amax(dim=dims, keepdim=True)
     low = x.amin(dim=dims, keepdim=True)
-    return torch.maximum(high, low.neg_()).to(dtype)
+    return torch.maximum(high, low.neg_())
 
 
 def _streaming(
     acc: torch.Tensor, x: torch.Tensor, sample_dims: int | Sequence[int] | None, kind: str
 ) -> torch.Tensor:
     dims = resolve_sample_dims(x.ndim, sample_dims)
-    # keepdim, then drop the leading sample dims: the layout of _kept_shape.
-    stat = _stat(x, dims, kind, acc.dtype)
-    stat = stat.reshape(stat.shape[_leading(x.ndim, dims) :])
-    if stat.shape != acc.shape[1:]:
+    kept = _kept_shape(x, dims)
+    if kept != tuple(acc.shape[1:]):
         raise ConfigError(
             f"the kept dimensions of the input changed from {tuple(acc.shape[1:])} to "
-            f"{tuple(stat.shape)} (input shape {tuple(x.shape)}, sample dimensions "
+            f"{kept} (input shape {tuple(x.shape)}, sample dimensions "
             f"{list(dims)}); name the dimensions that vary in sample_dims"
         )
     count = 1
     for d in dims:
         count *= x.shape[d]
+    if count == 1:
+        # One sample (a batch of one, or no sample dimension): folding over
+        # size-1 dimensions would only copy, so the statistic is x itself.
+        stat = _elementwise(x.reshape(kept), kind, acc.dtype)
+    else:
+        # keepdim, then drop the leading sample dims: the layout of _kept_shape.
+        stat = _stat(x, dims, kind, acc.dtype).reshape(kept)
     # In place: the accumulator belongs to the runtime, which hands it to no
-    # one else, and every check above runs before it changes.
+    # one else, and every check above runs before it changes. The update
+    # computes in the accumulator's type.
     if kind == "max":
         torch.maximum(acc[0], stat, out=acc[0])
     else:
