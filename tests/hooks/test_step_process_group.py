@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from _support import same_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -47,21 +48,13 @@ def _snapshot(sparsifier: ActivationSparsifier) -> list[object]:
     return out
 
 
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))  # type: ignore[arg-type]
-    if isinstance(a, torch.Tensor):
-        return bool(torch.equal(a, b))  # type: ignore[arg-type]
-    return a == b
-
-
 @pytest.mark.parametrize("bad", [True, "world", 0, object()], ids=repr)
 def test_a_bad_process_group_is_refused_and_changes_nothing(bad: object) -> None:
     _, sparsifier = _calibrated("sum")
     before = _snapshot(sparsifier)
     with pytest.raises(ConfigError, match="process_group must be None"):
         sparsifier.step(process_group=bad)
-    assert _same(before, _snapshot(sparsifier))
+    assert same_state(before, _snapshot(sparsifier))
 
 
 @pytest.mark.parametrize("process_group", [None, False])
@@ -72,7 +65,7 @@ def test_without_torch_distributed_step_runs_locally(process_group: object) -> N
     _, plain = _calibrated()
     plain.step()
     for name in plain.data_groups:
-        assert _same(default.get_mask(name), plain.get_mask(name))
+        assert same_state(default.get_mask(name), plain.get_mask(name))
 
 
 def test_a_group_of_one_needs_no_combine(group_of_one: None) -> None:
@@ -82,7 +75,7 @@ def test_a_group_of_one_needs_no_combine(group_of_one: None) -> None:
     _, again = _calibrated()
     again.step(process_group=dist.new_group([0]))
     for name in sparsifier.data_groups:
-        assert _same(sparsifier.get_mask(name), again.get_mask(name))
+        assert same_state(sparsifier.get_mask(name), again.get_mask(name))
 
 
 # ------------------------------------------------- the bucketing bookkeeping
@@ -127,7 +120,7 @@ def test_combining_over_one_process_gives_back_every_accumulator(
     combined = combine_accumulators(layers, dist.group.WORLD, None)
     assert combined.keys() == layers.keys()
     for name, layer in layers.items():
-        assert _same(combined[name], layer.data)
+        assert same_state(combined[name], layer.data)
         assert type(combined[name]) is type(layer.data)
         parts = combined[name] if isinstance(combined[name], list) else [combined[name]]
         originals = layer.data if isinstance(layer.data, list) else [layer.data]
@@ -135,4 +128,4 @@ def test_combining_over_one_process_gives_back_every_accumulator(
             assert got.dtype == original.dtype
             # new tensors: the stored accumulators are never written
             assert got.data_ptr() != original.data_ptr() or original.numel() == 0
-        assert _same(before[name], layer.data)
+        assert same_state(before[name], layer.data)

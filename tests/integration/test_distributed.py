@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from _support import same_state
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -210,23 +211,13 @@ def _failing_step(data: list[torch.Tensor], aggregate: Any, **step: Any) -> dict
     before = (_data_of(sparsifier), _masks(sparsifier)) if data else None
     error = _error(lambda: sparsifier.step(**step))
     unchanged = before is None or (
-        _equal(before[0], _data_of(sparsifier)) and _equal(before[1], _masks(sparsifier))
+        same_state(before[0], _data_of(sparsifier)) and same_state(before[1], _masks(sparsifier))
     )
     return {"error": error, "data_unchanged": unchanged}
 
 
 def _masks(sparsifier: ActivationSparsifier) -> dict[str, Any]:
     return {name: entry["mask"] for name, entry in sparsifier.state.items()}
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return a is b
-    return bool(torch.equal(a, b))
 
 
 def _ddp_case(rank: int, out: Path) -> dict[str, Any]:
@@ -299,7 +290,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("distributed")
     init_file = out / "store"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The ranks run this file as a script: give them tests/ for _support.
+    support = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (support, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, str(rank), str(init_file), str(out)],
@@ -332,7 +326,7 @@ def _case(result: dict[str, Any], case: str) -> dict[str, Any]:
 def _assert_masks_equal(got: dict[str, Any], want: dict[str, Any]) -> None:
     assert got.keys() == want.keys()
     for name in want:
-        assert _equal(got[name], want[name]), f"layer {name!r}: masks differ"
+        assert same_state(got[name], want[name]), f"layer {name!r}: masks differ"
 
 
 def _assert_stats_close(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -356,14 +350,14 @@ def test_every_rank_gets_the_masks_of_one_process_on_all_data(
         _assert_stats_close(_case(result, aggregate)["stats"], single["stats"])
     # The masks are not those of any one shard alone.
     alone = calibrate_case(aggregate, shard(batches(batch_sizes(aggregate)), 0), None)
-    assert not _equal(alone["masks"], single["masks"])
+    assert not same_state(alone["masks"], single["masks"])
 
     want = load(tmp_path / "one.safetensors")
     for rank in range(WORLD):
         got = load(out / f"{aggregate}-rank{rank}.safetensors")
         assert got["data_groups"] == want["data_groups"]
         assert got["defaults"] == want["defaults"]
-        assert _equal(
+        assert same_state(
             {k: v["mask"] for k, v in got["state"].items()},
             {k: v["mask"] for k, v in want["state"].items()},
         )

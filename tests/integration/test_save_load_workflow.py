@@ -13,35 +13,13 @@ from typing import Any
 
 import pytest
 import torch
+from _support import same_state
 
 import actsparse.serialize as serialize
 from actsparse.hooks import ActivationSparsifier
 from actsparse.hooks.workflow import SeedCNN
 
 FORMATS = ["safetensors", "torch"]
-
-
-def _equal(left: Any, right: Any) -> bool:
-    if isinstance(left, torch.Tensor):
-        return (
-            isinstance(right, torch.Tensor)
-            and left.dtype == right.dtype
-            and left.shape == right.shape
-            and torch.equal(left, right)
-        )
-    if isinstance(left, (list, tuple)):
-        return (
-            type(left) is type(right)
-            and len(left) == len(right)
-            and all(_equal(a, b) for a, b in zip(left, right, strict=True))
-        )
-    if isinstance(left, dict):
-        return (
-            isinstance(right, dict)
-            and left.keys() == right.keys()
-            and all(_equal(v, right[k]) for k, v in left.items())
-        )
-    return bool(left == right)
 
 
 def _groups(sparsifier: ActivationSparsifier) -> dict[str, dict[str, Any]]:
@@ -72,9 +50,9 @@ def restore(
     restored = ActivationSparsifier(fresh)
     serialize.load_into(restored, path)
     assert restored.defaults == sparsifier.defaults
-    assert _equal(_groups(restored), _groups(sparsifier))
+    assert same_state(_groups(restored), _groups(sparsifier))
     for name in sparsifier.state:
-        assert _equal(restored.state[name]["mask"], sparsifier.state[name]["mask"]), name
+        assert same_state(restored.state[name]["mask"], sparsifier.state[name]["mask"]), name
         assert restored.data_groups[name]["layer"] is getattr(fresh, name)
         assert ("hook" in restored.data_groups[name]) == ("hook" in sparsifier.data_groups[name])
     return fresh, restored
@@ -99,30 +77,30 @@ def test_every_point_of_the_workflow(tmp_path: Path, fmt: str) -> None:
 
     # after registration: same outputs, and the restored copy aggregates the same way
     fresh, restored = checkpoint("registered")
-    assert _equal(forward(fresh, first), forward(model, first))
-    assert _equal(_groups(restored), _groups(sparsifier))
+    assert same_state(forward(fresh, first), forward(model, first))
+    assert same_state(_groups(restored), _groups(sparsifier))
 
     # after forward passes, mid-calibration: resume and compare with the uninterrupted run
     fresh, restored = checkpoint("calibrating")
     assert all("data" in g for g in _groups(restored).values())
-    assert _equal(forward(fresh, second), forward(model, second))
+    assert same_state(forward(fresh, second), forward(model, second))
     sparsifier.step()
     restored.step()
     for name in sparsifier.state:
-        assert _equal(restored.get_mask(name), sparsifier.get_mask(name)), name
+        assert same_state(restored.get_mask(name), sparsifier.get_mask(name)), name
 
     # after step(): masks are real now
     fresh, restored = checkpoint("stepped")
-    assert _equal(forward(fresh, probe), forward(model, probe))
+    assert same_state(forward(fresh, probe), forward(model, probe))
 
     # after squash_mask(): the masks are applied to the inputs
     sparsifier.squash_mask()
     fresh, restored = checkpoint("squashed")
     assert all(g["hook_state"] == "sparsify" for g in _groups(restored).values())
     masked = forward(model, probe)
-    assert _equal(forward(fresh, probe), masked)
+    assert same_state(forward(fresh, probe), masked)
     unmasked = forward(SeedCNN().eval().requires_grad_(False), probe)
-    assert not _equal(masked, unmasked)
+    assert not same_state(masked, unmasked)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -147,7 +125,7 @@ def test_resumed_calibration_matches_uninterrupted(tmp_path: Path, fmt: str) -> 
     forward(model_b, batches[2:])
     resumed.step()
     for name in uninterrupted.state:
-        assert _equal(resumed.get_mask(name), uninterrupted.get_mask(name)), name
+        assert same_state(resumed.get_mask(name), uninterrupted.get_mask(name)), name
 
 
 def test_default_file_is_small(tmp_path: Path) -> None:
@@ -195,5 +173,5 @@ def test_torch_ao_sparsifier_with_registered_functions_saves(tmp_path: Path) -> 
     fresh.load_state_dict(model.state_dict())
     ours = ActivationSparsifier(fresh)
     serialize.load_into(ours, path)
-    assert _equal(ours.get_mask("identity1"), theirs.get_mask("identity1"))
-    assert _equal(ours.get_mask("linear1"), theirs.get_mask("linear1"))
+    assert same_state(ours.get_mask("identity1"), theirs.get_mask("identity1"))
+    assert same_state(ours.get_mask("linear1"), theirs.get_mask("linear1"))

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from _support import same_state
 
 import actsparse.serialize as serialize
 from actsparse.core import ActsparseError
@@ -105,24 +106,6 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(buf)
 
 
-def _same(left: Any, right: Any) -> bool:
-    if isinstance(left, torch.Tensor):
-        return isinstance(right, torch.Tensor) and torch.equal(left, right)
-    if isinstance(left, (list, tuple)):
-        return (
-            type(left) is type(right)
-            and len(left) == len(right)
-            and all(_same(a, b) for a, b in zip(left, right, strict=True))
-        )
-    if isinstance(left, dict):
-        return (
-            isinstance(right, dict)
-            and left.keys() == right.keys()
-            and all(_same(v, right[k]) for k, v in left.items())
-        )
-    return bool(left == right)
-
-
 def _outcome(path: Path, model: torch.nn.Module, original: Any = None) -> str:
     try:
         sd = serialize.load(path)
@@ -130,7 +113,7 @@ def _outcome(path: Path, model: torch.nn.Module, original: Any = None) -> str:
         return "refused"
     if original is not None:
         # a damaged file that still loads must mean exactly what the original meant
-        assert _same(sd, original), "a damaged file loaded with different contents"
+        assert same_state(sd, original), "a damaged file loaded with different contents"
     try:
         ActivationSparsifier(model).load_state_dict(sd)
     except ActsparseError:
