@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from actsparse.hooks import ActivationSparsifier
-from actsparse.hooks.workflow import SeedCNN
+from actsparse.hooks.workflow import SeedCNN, seed_sparsifier
 
 
 def add(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -27,18 +26,6 @@ def batch_mean(t: torch.Tensor) -> torch.Tensor:
 
 def nonzero_mask(data: torch.Tensor) -> torch.Tensor:
     return (data != 0).to(data.dtype)
-
-
-def seed_sparsifier(model: SeedCNN) -> ActivationSparsifier:
-    """The seed's registrations: plain, feature-selected and identity layers."""
-    sparsifier = ActivationSparsifier(
-        model, aggregate_fn="sum", reduce_fn="mean", mask_fn="magnitude", sparsity_level=0.5
-    )
-    sparsifier.register_layer(model.conv1, sparsity_level=0.3)
-    sparsifier.register_layer(model.linear1, features=[0, 10, 234], feature_dim=1)
-    sparsifier.register_layer(model.identity1, sparsity_level=0.7)
-    sparsifier.register_layer(model.identity2, features=[0, 10, 20], feature_dim=1)
-    return sparsifier
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,8 @@
 """The seed workflow: the small CNN that torch.ao's tests use, calibrated end to end.
 
-:func:`run_seed_workflow` registers the seed's layers on :class:`SeedCNN`,
-calibrates them on random data, steps and squashes; the tests and the
-benchmarks build on it. It needs the built-in strategies
+:func:`seed_sparsifier` registers the seed's layers on :class:`SeedCNN`;
+:func:`run_seed_workflow` does that, calibrates them on random data, steps
+and squashes. The tests and the benchmarks build on both. It needs the built-in strategies
 (``pip install actsparse-masks``).
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from actsparse.hooks._sparsifier import ActivationSparsifier
 
-__all__ = ["SeedCNN", "mask_sparsity", "run_seed_workflow"]
+__all__ = ["SeedCNN", "mask_sparsity", "run_seed_workflow", "seed_sparsifier"]
 
 
 class SeedCNN(nn.Module):
@@ -50,12 +50,12 @@ def mask_sparsity(mask: torch.Tensor | list[torch.Tensor]) -> float:
     return zeros / total if total else 0.0
 
 
-def run_seed_workflow(
-    *, batches: int = 4, batch_size: int = 16, seed: int = 0
-) -> tuple[SeedCNN, ActivationSparsifier]:
-    """Register the seed's layers, calibrate on random batches, step and squash."""
-    torch.manual_seed(seed)
-    model = SeedCNN().eval()
+def seed_sparsifier(model: SeedCNN) -> ActivationSparsifier:
+    """A sparsifier with the seed's functions and its four registrations on ``model``.
+
+    Whole inputs of conv1 (sparsity 0.3) and identity1 (0.7), features
+    ``[0, 10, 234]`` of linear1's input and ``[0, 10, 20]`` of identity2's.
+    """
     sparsifier = ActivationSparsifier(
         model, aggregate_fn="sum", reduce_fn="mean", mask_fn="magnitude", sparsity_level=0.5
     )
@@ -63,6 +63,16 @@ def run_seed_workflow(
     sparsifier.register_layer(model.linear1, features=[0, 10, 234], feature_dim=1)
     sparsifier.register_layer(model.identity1, sparsity_level=0.7)
     sparsifier.register_layer(model.identity2, features=[0, 10, 20], feature_dim=1)
+    return sparsifier
+
+
+def run_seed_workflow(
+    *, batches: int = 4, batch_size: int = 16, seed: int = 0
+) -> tuple[SeedCNN, ActivationSparsifier]:
+    """Register the seed's layers, calibrate on random batches, step and squash."""
+    torch.manual_seed(seed)
+    model = SeedCNN().eval()
+    sparsifier = seed_sparsifier(model)
     with torch.no_grad():
         for _ in range(batches):
             model(torch.randn(batch_size, 1, 28, 28))
