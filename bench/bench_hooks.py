@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -235,6 +235,44 @@ def accumulator_bytes(sparsifier: Any) -> int:
 # ------------------------------------------------------------------ scenarios
 
 
+class Hooked(NamedTuple):
+    """One set of weights three times: plain, hooked by actsparse, hooked by torch.ao."""
+
+    calls: dict[str, Callable[[], Any]]  # "plain", "actsparse", "torch.ao": one forward each
+    ours: Any
+    theirs: Any
+
+    def accumulator_bytes(self) -> dict[str, int]:
+        return {
+            "actsparse": accumulator_bytes(self.ours),
+            "torch.ao": accumulator_bytes(self.theirs),
+        }
+
+    def peak_bytes(self, device: torch.device) -> dict[str, int]:
+        return {k: peak_bytes(fn, device) for k, fn in self.calls.items()}
+
+
+def hooked(
+    make_model: Callable[[], nn.Module],
+    layers: Registration,
+    x: torch.Tensor,
+    aggregate: str,
+    device: torch.device,
+) -> Hooked:
+    torch.manual_seed(0)
+    plain = make_model().eval().to(device)
+    ours = copy.deepcopy(plain)
+    theirs = copy.deepcopy(plain)
+    ours_sparsifier = attach_actsparse(ours, layers, aggregate)
+    theirs_sparsifier = attach_torch_ao(theirs, layers)
+    calls = {
+        "plain": lambda: plain(x),
+        "actsparse": lambda: ours(x),
+        "torch.ao": lambda: theirs(x),
+    }
+    return Hooked(calls, ours_sparsifier, theirs_sparsifier)
+
+
 def hooks_row(
     label: str,
     make_model: Callable[[], nn.Module],
@@ -245,37 +283,24 @@ def hooks_row(
     device: torch.device,
 ) -> dict[str, Any]:
     """Calibration and masked inference: plain vs actsparse vs torch.ao."""
-    torch.manual_seed(0)
-    plain = make_model().eval().to(device)
-    ours = copy.deepcopy(plain)
-    theirs = copy.deepcopy(plain)
-    ours_sparsifier = attach_actsparse(ours, layers, aggregate)
-    theirs_sparsifier = attach_torch_ao(theirs, layers)
+    models = hooked(make_model, layers, x, aggregate, device)
+    calls = models.calls
     row: dict[str, Any] = {"scenario": label, "aggregate": aggregate}
     with torch.no_grad():
-        calls = {
-            "plain": lambda: plain(x),
-            "actsparse": lambda: ours(x),
-            "torch.ao": lambda: theirs(x),
-        }
         t = time_interleaved(calls, args.reps, device, args.budget)
         row["calibration_s"] = t.median()
         row["calibration_ratio"] = {k: t.ratio(k, "plain") for k in ("actsparse", "torch.ao")}
         row["calibration_ao_over_actsparse"] = t.ratio("torch.ao", "actsparse")
-        row["accumulator_bytes"] = {
-            "actsparse": accumulator_bytes(ours_sparsifier),
-            "torch.ao": accumulator_bytes(theirs_sparsifier),
-        }
-        row["peak_bytes_calibration"] = {k: peak_bytes(fn, device) for k, fn in calls.items()}
-        ours_sparsifier.step()
-        ours_sparsifier.squash_mask()
-        theirs_sparsifier.step()
-        theirs_sparsifier.squash_mask()
+        row["accumulator_bytes"] = models.accumulator_bytes()
+        row["peak_bytes_calibration"] = models.peak_bytes(device)
+        for sparsifier in (models.ours, models.theirs):
+            sparsifier.step()
+            sparsifier.squash_mask()
         t = time_interleaved(calls, args.reps, device, args.budget)
         row["masked_s"] = t.median()
         row["masked_ratio"] = {k: t.ratio(k, "plain") for k in ("actsparse", "torch.ao")}
         if aggregate == "sum":  # the seed's functions on both sides: same masks, same outputs
-            torch.testing.assert_close(ours(x), theirs(x))
+            torch.testing.assert_close(calls["actsparse"](), calls["torch.ao"]())
     return row
 
 
@@ -287,26 +312,14 @@ def memory_row(
     aggregate: str,
     device: torch.device,
 ) -> dict[str, Any]:
-    torch.manual_seed(0)
-    plain = make_model().eval().to(device)
-    ours = copy.deepcopy(plain)
-    theirs = copy.deepcopy(plain)
-    ours_sparsifier = attach_actsparse(ours, layers, aggregate)
-    theirs_sparsifier = attach_torch_ao(theirs, layers)
+    models = hooked(make_model, layers, x, aggregate, device)
     with torch.no_grad():
-        peaks = {
-            "plain": peak_bytes(lambda: plain(x), device),
-            "actsparse": peak_bytes(lambda: ours(x), device),
-            "torch.ao": peak_bytes(lambda: theirs(x), device),
-        }
+        peaks = models.peak_bytes(device)
     return {
         "scenario": label,
         "aggregate": aggregate,
         "peak_bytes_calibration": peaks,
-        "accumulator_bytes": {
-            "actsparse": accumulator_bytes(ours_sparsifier),
-            "torch.ao": accumulator_bytes(theirs_sparsifier),
-        },
+        "accumulator_bytes": models.accumulator_bytes(),
     }
 
 

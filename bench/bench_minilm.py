@@ -174,11 +174,13 @@ def run_forward(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> Callab
     return go
 
 
-def actsparse_variant(
-    dense: nn.Module, calib: list[dict[str, torch.Tensor]], level: float
-) -> tuple[nn.Module, float, dict[str, Any]]:
-    model = copy.deepcopy(dense)
-    start = time.perf_counter()
+def calibrate_thresholds(
+    model: nn.Module, calib: list[dict[str, torch.Tensor]], level: float
+) -> tuple[ActivationSparsifier, int]:
+    """Threshold mode on the 12 layers at ``level``, calibrated on real tokens and squashed.
+
+    Returns the sparsifier and the number of SparsityTargetWarnings step() gave.
+    """
     sparsifier = ActivationSparsifier(
         model, aggregate_fn="abs_histogram", reduce_fn="identity", mask_fn="target_threshold"
     )
@@ -193,13 +195,21 @@ def actsparse_variant(
         warnings.simplefilter("always", SparsityTargetWarning)
         sparsifier.step()
     sparsifier.squash_mask()
+    return sparsifier, len(caught)
+
+
+def unreachable(sparsifier: ActivationSparsifier) -> int:
+    return sum(not r.reachable for r in sparsifier.thresholds.values())
+
+
+def actsparse_variant(
+    dense: nn.Module, calib: list[dict[str, torch.Tensor]], level: float
+) -> tuple[nn.Module, float, dict[str, Any]]:
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    sparsifier, warned = calibrate_thresholds(model, calib, level)
     seconds = time.perf_counter() - start
-    results = sparsifier.thresholds
-    extra = {
-        "unreachable_layers": sum(not r.reachable for r in results.values()),
-        "warnings": len(caught),
-    }
-    return model, seconds, extra
+    return model, seconds, {"unreachable_layers": unreachable(sparsifier), "warnings": warned}
 
 
 GREEDY_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -211,16 +221,7 @@ def greedy_base(
     """Calibrate once, then measure each layer's sensitivity on the first calibration batch."""
     start = time.perf_counter()
     model = copy.deepcopy(dense)
-    sparsifier = ActivationSparsifier(
-        model, aggregate_fn="abs_histogram", reduce_fn="identity", mask_fn="target_threshold"
-    )
-    sparsifier.register_layers({PATTERN: {"sparsity_level": 0.5}})
-    with torch.inference_mode():
-        for batch in calib:
-            with sparsifier.valid_positions(batch["attention_mask"].bool()):
-                model(**batch)
-    sparsifier.step()
-    sparsifier.squash_mask()
+    sparsifier, _ = calibrate_thresholds(model, calib, 0.5)
     held_out = calib[:1]
     reference = embed(dense, held_out)
 
@@ -371,7 +372,7 @@ def main() -> None:
             built["actsparse-greedy"] = (
                 greedy_model,
                 greedy_s,
-                {"unreachable_layers": sum(not r.reachable for r in greedy.thresholds.values())},
+                {"unreachable_layers": unreachable(greedy)},
                 attach_actsparse(greedy_model),
             )
         ratios = interleaved_ratios(
