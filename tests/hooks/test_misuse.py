@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
+from _support import assert_unchanged, snapshot
 from torch import nn
 
 from actsparse.core import (
@@ -40,37 +39,6 @@ def _sparsifier() -> tuple[Net, ActivationSparsifier]:
     return model, sparsifier
 
 
-def _snapshot(model: nn.Module, sparsifier: ActivationSparsifier) -> Any:
-    hooks = {name: list(module._forward_pre_hooks.keys()) for name, module in model.named_modules()}
-    groups = {
-        name: {k: v for k, v in group.items() if k not in ("data",)}
-        for name, group in sparsifier.data_groups.items()
-    }
-    data = {
-        name: copy.deepcopy(group.get("data")) for name, group in sparsifier.data_groups.items()
-    }
-    masks = {name: copy.deepcopy(s["mask"]) for name, s in sparsifier.state.items()}
-    return hooks, groups, data, masks, sparsifier.defaults
-
-
-def _same_snapshot(left: Any, right: Any) -> None:
-    hooks_l, groups_l, data_l, masks_l, defaults_l = left
-    hooks_r, groups_r, data_r, masks_r, defaults_r = right
-    assert hooks_l == hooks_r
-    assert groups_l == groups_r
-    assert defaults_l == defaults_r
-    for a, b in ((data_l, data_r), (masks_l, masks_r)):
-        assert a.keys() == b.keys()
-        for name in a:
-            x, y = a[name], b[name]
-            if x is None or y is None:
-                assert x is y
-            elif isinstance(x, list):
-                assert all(torch.equal(p, q) for p, q in zip(x, y, strict=True))
-            else:
-                assert torch.equal(x, y)
-
-
 def _expect(
     error: type[BaseException],
     builtin: type[BaseException],
@@ -79,12 +47,12 @@ def _expect(
     model: nn.Module,
     sparsifier: ActivationSparsifier,
 ) -> None:
-    before = _snapshot(model, sparsifier)
+    before = snapshot(model, sparsifier)
     with pytest.raises(error, match=match) as info:
         call()
     assert isinstance(info.value, ActsparseError)
     assert isinstance(info.value, builtin)
-    _same_snapshot(before, _snapshot(model, sparsifier))
+    assert_unchanged(before, snapshot(model, sparsifier))
 
 
 def test_layer_not_in_model() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from _support import assert_unchanged, snapshot
 from torch import nn
 
 from actsparse.core import (
@@ -67,72 +68,6 @@ def make(**defaults: Any) -> tuple[Net, ActivationSparsifier]:
     }
     config.update(defaults)
     return model, ActivationSparsifier(model, **config)
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, list):
-        return [_clone(v) for v in value]
-    return value
-
-
-def snapshot(model: nn.Module, sparsifier: ActivationSparsifier) -> dict[str, Any]:
-    """Everything a failing call must leave alone: hooks, groups, data, masks, weights."""
-    hooks = {
-        name: (
-            [(key, fn) for key, fn in module._forward_pre_hooks.items()],
-            [(key, fn) for key, fn in module._forward_hooks.items()],
-        )
-        for name, module in model.named_modules()
-    }
-    groups = {
-        name: {key: value for key, value in group.items() if key != "data"}
-        for name, group in sparsifier.data_groups.items()
-    }
-    return {
-        "hooks": hooks,
-        "groups": groups,
-        "data": {name: _clone(g.get("data")) for name, g in sparsifier.data_groups.items()},
-        "masks": {name: _clone(s["mask"]) for name, s in sparsifier.state.items()},
-        "defaults": sparsifier.defaults,
-        "weights": {k: v.clone() for k, v in model.state_dict().items()},
-        "thresholds": dict(sparsifier.thresholds),
-    }
-
-
-def _same_value(left: Any, right: Any, where: str) -> None:
-    if isinstance(left, torch.Tensor) or isinstance(right, torch.Tensor):
-        assert isinstance(left, torch.Tensor), where
-        assert isinstance(right, torch.Tensor), where
-        torch.testing.assert_close(left, right, rtol=0, atol=0, equal_nan=True, msg=where)
-    elif isinstance(left, list) or isinstance(right, list):
-        assert isinstance(left, list), where
-        assert isinstance(right, list), where
-        assert len(left) == len(right), where
-        for i, (a, b) in enumerate(zip(left, right, strict=True)):
-            _same_value(a, b, f"{where}[{i}]")
-    else:
-        assert left == right, where
-
-
-def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
-    assert before["hooks"] == after["hooks"], "the model's hooks changed"
-    assert before["defaults"] == after["defaults"], "the defaults changed"
-    assert before["thresholds"] == after["thresholds"], "the thresholds changed"
-    assert before["groups"].keys() == after["groups"].keys(), "the registered layers changed"
-    for name, group in before["groups"].items():
-        other = after["groups"][name]
-        assert group.keys() == other.keys(), name
-        for key, value in group.items():
-            if key in ("layer", "hook"):
-                assert value is other[key], f"{name}.{key}"
-            else:
-                assert value == other[key], f"{name}.{key}"
-    for part in ("data", "masks", "weights"):
-        assert before[part].keys() == after[part].keys(), part
-        for name in before[part]:
-            _same_value(before[part][name], after[part][name], f"{part}[{name!r}]")
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -791,7 +726,7 @@ def test_misuse_raises_and_changes_nothing(case: str) -> None:
         call()
     assert isinstance(info.value, ActsparseError)
     assert isinstance(info.value, builtin)
-    assert_same(before, snapshot(model, sparsifier))
+    assert_unchanged(before, snapshot(model, sparsifier))
 
 
 # ----------------------------------------------------------- not errors, but easy to get wrong
@@ -847,7 +782,7 @@ def test_a_raising_strategy_keeps_the_model_usable_and_the_state_consistent(
     with pytest.raises(StrategyError, match="sensor glitch") as info:
         model(_x(seed=1))
     assert isinstance(info.value.__cause__, FloatingPointError)
-    assert_same(before, snapshot(model, s))
+    assert_unchanged(before, snapshot(model, s))
     # A failed first pass records nothing: no placeholder mask, no input shape.
     with pytest.raises(MaskNotReadyError):
         s.get_mask("first")
@@ -858,7 +793,7 @@ def test_a_raising_strategy_keeps_the_model_usable_and_the_state_consistent(
     before = snapshot(model, s)
     with pytest.raises(StrategyError):
         model(_x(seed=3))
-    assert_same(before, snapshot(model, s))
+    assert_unchanged(before, snapshot(model, s))
 
     switch["broken"] = False
     model(_x(seed=4))
@@ -899,7 +834,7 @@ def test_a_mask_that_would_grow_the_input_is_refused_on_the_forward_pass() -> No
     before = snapshot(model, s)
     with pytest.raises(MaskError, match=r"layer 'first': its mask of shape \(4, 6\) does not"):
         model(_x(batch=1))
-    assert_same(before, snapshot(model, s))
+    assert_unchanged(before, snapshot(model, s))
     assert model(_x(batch=4)).shape == (4, 3)
 
 
@@ -915,7 +850,7 @@ def test_a_state_dict_of_another_width_fails_on_the_first_forward_pass(phase: st
     with pytest.raises(error, match="layer 'first'") as info:
         wide(_x(width=8))
     assert isinstance(info.value, RuntimeError if phase == "calibrated" else ValueError)
-    assert_same(before, snapshot(wide, s))
+    assert_unchanged(before, snapshot(wide, s))
     s.unregister_layer("first")
     assert wide(_x(width=8)).shape == (4, 3)
 
