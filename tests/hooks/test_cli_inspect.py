@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import actsparse.serialize as serialize
+import actsparse.serialize._formats as formats
+from actsparse.core import SerializationError
 from actsparse.hooks import STATE_FORMAT_VERSION, ActivationSparsifier, cli
 from actsparse.hooks.workflow import run_seed_workflow
 
@@ -363,7 +365,15 @@ def test_unknown_file_format_version(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_unknown_state_format_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = small_sparsifier(small_model()).state_dict()
     state["format_version"] = STATE_FORMAT_VERSION + 1
-    path = serialize.save(state, tmp_path / "newer.safetensors")
+    with pytest.raises(SerializationError, match="unknown state format_version 2"):
+        serialize.save(state, tmp_path / "refused.safetensors")  # never written by save()
+    # A file from a newer actsparse: a valid file whose state names the next version.
+    doc, tensors = formats.unpack(
+        serialize.save(small_sparsifier(small_model()), tmp_path / "v1.st").read_bytes()
+    )
+    doc["format_version"] = STATE_FORMAT_VERSION + 1
+    path = tmp_path / "newer.safetensors"
+    path.write_bytes(formats.pack(doc, tensors))
     code, out, err = run(["inspect", str(path)], capsys)
     assert_one_line_error(
         code, out, err, str(path), f"unknown state format_version {STATE_FORMAT_VERSION + 1}"

@@ -543,7 +543,7 @@ CASES: dict[str, tuple[Callable[[], Scenario], type[Exception], type[Exception],
         lambda: _state_dict(_set(("format_version",), 99)),
         SerializationError,
         ValueError,
-        "format_version 99 is not supported",
+        "unknown state format_version 99",
     ),
     "load: one mask per feature expected": (
         lambda: _state_dict(_set(("state", "first", "mask"), [torch.ones(4, 1)])),
@@ -691,7 +691,7 @@ CASES.update(
         ),
         "retarget to a level above 1": (
             lambda: _on_threshold(lambda s: s.retarget({"first": 1.5})),
-            MaskError,
+            ConfigError,
             ValueError,
             "sparsity_level",
         ),

@@ -18,6 +18,7 @@ from actsparse.core._errors import ConfigError
 
 __all__ = [
     "COMBINE_OPS",
+    "SNIFF_BYTES",
     "AggregateStrategy",
     "BoundAggregate",
     "MaskStrategy",
@@ -211,6 +212,12 @@ class AggregateStrategy:
             a copy it may change in place, and every process calls it.
             ``None`` (the default) means the accumulator cannot be combined:
             ``step()`` then refuses to run across processes.
+        takes_valid: True when ``fn`` accepts a keyword ``valid``: a bool
+            tensor that broadcasts to ``x`` and is False at positions that
+            must not be counted (padding). In threshold mode, inside
+            ``sparsifier.valid_positions(mask)``, the runtime passes it on
+            every call; a threshold-mode layer whose aggregate does not take
+            it makes ``valid_positions()`` an error.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -233,6 +240,7 @@ class AggregateStrategy:
     combine: CombineSpec | None = attrs.field(
         default=None, converter=_to_combine, validator=_check_combine
     )
+    takes_valid: bool = attrs.field(default=False, validator=_of_type(bool))
 
     def __attrs_post_init__(self) -> None:
         if not self.required <= self.params:
@@ -294,6 +302,11 @@ class MaskStrategy:
             returns ``(threshold, expected_sparsity, zero_fraction)`` (floats)
             instead of a mask, and after ``squash_mask()`` the layer zeroes,
             per input, the entries with ``|x| <= threshold``.
+        target_key: For a dynamic strategy, the ``sparse_config`` key that
+            holds the target sparsity (``"sparsity_level"`` for the built-in
+            ``target_threshold``): ``ThresholdResult.target`` reads it and
+            ``sparsifier.retarget()`` moves it. ``None``: the strategy cannot
+            be retargeted.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -306,6 +319,26 @@ class MaskStrategy:
     )
     description: str = attrs.field(default="", validator=_of_type(str))
     dynamic: bool = attrs.field(default=False, validator=_of_type(bool))
+    target_key: str | None = attrs.field(default=None)
+
+    @target_key.validator
+    def _check_target_key(self, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is None:
+            return
+        if not isinstance(value, str) or not value.isidentifier():
+            raise ConfigError(
+                f"MaskStrategy.target_key must be a parameter name (an identifier) or None, "
+                f"got {value!r}"
+            )
+        if not self.dynamic:
+            raise ConfigError(
+                "MaskStrategy.target_key is only meaningful with dynamic=True (a threshold "
+                "strategy); a static mask strategy has no target to move"
+            )
+        if self.params is not None and value not in self.params:
+            raise ConfigError(
+                f"MaskStrategy.target_key {value!r} is missing from MaskStrategy.params"
+            )
 
     def __attrs_post_init__(self) -> None:
         if self.params is not None and not self.required <= self.params:
@@ -395,6 +428,10 @@ def split_sparse_config(
     return aggregate_options, mask_options
 
 
+#: How many leading bytes of a file ``Serializer.sniff`` receives.
+SNIFF_BYTES = 64
+
+
 @attrs.frozen
 class Serializer:
     """Converts a sparsifier state dict to a stored form and back.
@@ -408,6 +445,11 @@ class Serializer:
         binary: Whether ``dumps`` returns bytes that can be written to a file.
         suffix: The usual file suffix of a binary format, such as ``".safetensors"``.
         description: One line for ``actsparse plugins`` and the docs.
+        sniff: For a binary format, ``sniff(head) -> bool`` says whether a
+            file whose first bytes are ``head`` (at most :data:`SNIFF_BYTES`,
+            fewer for a shorter file) is in this format. ``load()`` and
+            ``actsparse inspect`` detect a file's format by asking every
+            registered format; ``None``: the format is read only when named.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -416,3 +458,21 @@ class Serializer:
     binary: bool = attrs.field(default=False, validator=_of_type(bool))
     suffix: str = attrs.field(default="", validator=_of_type(str))
     description: str = attrs.field(default="", validator=_of_type(str))
+    sniff: Callable[[bytes], bool] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.sniff is not None and not self.binary:
+            raise ConfigError(
+                "Serializer.sniff needs binary=True: only file formats are detected from bytes"
+            )
+
+    def recognises(self, head: bytes) -> bool:
+        """Whether ``head`` (a file's first bytes) is in this format; False if it cannot tell."""
+        if self.sniff is None:
+            return False
+        try:
+            return bool(self.sniff(head))
+        except Exception:
+            return False

@@ -9,12 +9,13 @@ and a step count or time budget. The ``actsparse`` command line lives in
 
 from __future__ import annotations
 
+from actsparse.core import STATE_FORMAT_VERSION, ThresholdResult
 from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
-from actsparse.hooks._dynamic import SparsityTargetWarning, ThresholdResult
 from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
 from actsparse.hooks._patterns import LayerRule
-from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION, ActivationSparsifier
+from actsparse.hooks._sparsifier import ActivationSparsifier
+from actsparse.hooks._threshold import SparsityTargetWarning
 
 __version__ = "0.1.0"
 

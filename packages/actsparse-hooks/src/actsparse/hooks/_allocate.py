@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from actsparse.core import ConfigError
-from actsparse.hooks._dynamic import SparsityTargetWarning
+from actsparse.hooks._threshold import SparsityTargetWarning
 
 if TYPE_CHECKING:
     from actsparse.hooks._sparsifier import ActivationSparsifier

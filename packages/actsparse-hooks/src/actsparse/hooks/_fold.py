@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from actsparse.hooks._layer import SPARSIFY, Layer
+from actsparse.core import SPARSIFY
+from actsparse.hooks._layer import Layer
+from actsparse.hooks._static import StaticMask
 
 __all__ = [
     "PrunedConv1d",
@@ -203,8 +205,8 @@ def feature_vector(layer: Layer) -> torch.Tensor | None:
     # With features, the input's rank tells where feature_dim lies.
     if layer.input_shape is not None:
         ndim = len(layer.input_shape)
-    elif layer._applied is not None:
-        ndim = layer._applied.ndim
+    elif isinstance(layer.mode, StaticMask) and layer.mode.applied_ndim is not None:
+        ndim = layer.mode.applied_ndim
     else:
         return None
     if not -ndim <= spec.dim < ndim or ndim - spec.dim % ndim != axis:

@@ -1,50 +1,44 @@
-"""One registered layer: its configuration, resolved strategies, hooks and state.
+"""One registered layer: its configuration, resolved strategies, accumulator and hook.
 
-The hook functions built here run on every forward pass. They hold no Python
-loop over features (an elementwise aggregate folds every selected feature with
-one call), build no tensors after the first call, and never read a tensor's
-values back to the host.
+What the layer does with its data (a static mask, a threshold) is its
+masking mode's business (:mod:`actsparse.hooks._modes`); the layer gives the
+modes what they share: feature indices, the accumulator, the strategies and
+the errors they raise.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from actsparse.core import (
+    AGGREGATE,
     CONFIG_KEYS,
+    SPARSIFY,
+    STRATEGY_KEYS,
+    ActsparseError,
     AggregateStrategy,
     BoundAggregate,
     ConfigError,
+    LayerState,
     MaskError,
     MaskStrategy,
     ReduceStrategy,
     Registry,
+    SerializationError,
     StrategyError,
+    ThresholdResult,
     UnknownStrategyError,
     split_sparse_config,
 )
 
 if TYPE_CHECKING:
-    from actsparse.hooks._dynamic import ThresholdResult, ValidPositions
-
-AGGREGATE = "aggregate"
-SPARSIFY = "sparsify"
-DETACHED = "None"
-
-_STRATEGY_KINDS = (("aggregate_fn", "aggregate"), ("reduce_fn", "reduce"), ("mask_fn", "mask"))
-
-
-def _ones_placeholder(x: torch.Tensor) -> torch.Tensor:
-    # torch.ao keeps ones_like(input) as the mask until step(); a stride-0 view
-    # gives the same values and shape without memory that grows with the batch.
-    return torch.ones((), dtype=x.dtype, device=x.device).expand(x.shape)
+    from actsparse.hooks._modes import MaskingMode
 
 
 @attrs.frozen
@@ -119,7 +113,7 @@ def resolve_config(
 ) -> tuple[AggregateStrategy, ReduceStrategy, MaskStrategy, FeatureSpec | None]:
     """Check a layer's full configuration and resolve its strategies."""
     resolved: list[Any] = []
-    for key, kind in _STRATEGY_KINDS:
+    for key, kind in STRATEGY_KEYS.items():
         value = config[key]
         if value is None:
             raise ConfigError(
@@ -153,7 +147,13 @@ def no_graph(x: torch.Tensor) -> torch.Tensor:
 
 @attrs.define(eq=False)
 class Layer:
-    """The runtime record of one registered layer."""
+    """The runtime record of one registered layer.
+
+    It owns the module, the resolved configuration and features, the
+    accumulator and the attached hook. How the layer turns data into
+    sparsity, and how it applies it, belongs to its :attr:`mode`, a
+    :class:`~actsparse.hooks._modes.MaskingMode`: a static mask or a threshold.
+    """
 
     name: str
     module: nn.Module
@@ -162,36 +162,29 @@ class Layer:
     reduce: ReduceStrategy
     mask_strategy: MaskStrategy
     features: FeatureSpec | None
+    mode: MaskingMode
     hook_state: str = AGGREGATE
-    handle: RemovableHandle | None = None
+    handle: Any = None
     #: the accumulator: a tensor, or with features either one tensor holding every
-    #: selected feature (elementwise aggregates) or a list with one per feature
+    #: selected feature (fused aggregates) or a list with one per feature
     data: Any = None
-    mask: Any = None
-    #: the shape of the first input seen (or of each selected slice)
+    #: the shape of the first input seen since registration or step()
     input_shape: tuple[int, ...] | None = None
+    #: the aggregate with its sparse_config options applied
+    bound: BoundAggregate = attrs.field(init=False)
+    #: the sparse_config keys that the mask strategy receives
+    mask_options: dict[str, Any] = attrs.field(init=False)
     # index tensors, built once and kept on the input's device
-    _index: torch.Tensor | None = None
-    _indices: list[torch.Tensor] | None = None
-    # the mask as the sparsify hook applies it (cast, and for features combined)
-    _applied: torch.Tensor | None = None
+    _index: torch.Tensor | None = attrs.field(default=None, init=False)
+    _indices: list[torch.Tensor] = attrs.field(factory=list, init=False)
     # the accumulator dimension that holds feature_dim (fused features only)
-    _axis: int | None = None
-    #: threshold mode (a ``dynamic`` mask strategy): the result of step()
-    threshold: ThresholdResult | None = None
-    #: threshold mode: the sparsifier's valid-position mask holder
-    valid: ValidPositions | None = None
-    # threshold mode: the reduced statistic of the last step(), for retargeting
-    _reduced: Any = None
-    # the aggregate with its sparse_config options applied, and the mask's options
-    _bound: BoundAggregate = attrs.field(init=False)
-    _mask_options: dict[str, Any] = attrs.field(init=False)
+    _axis: int | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        options, self._mask_options = split_sparse_config(
+        options, self.mask_options = split_sparse_config(
             self.aggregate, self.mask_strategy, self.config["sparse_config"], layer=self.name
         )
-        self._bound = self.aggregate.bind(options)
+        self.bound = self.aggregate.bind(options)
 
     # ----------------------------------------------------------------- config
 
@@ -208,10 +201,25 @@ class Layer:
             aggregate.elementwise or aggregate.feature_axis is not None
         )
 
-    def _feature_axis(self, ndim: int) -> int:
+    @property
+    def mask(self) -> Any:
+        """The static mode's mask (None in threshold mode, or before the first input)."""
+        return self.mode.mask
+
+    @property
+    def threshold(self) -> ThresholdResult | None:
+        """The threshold mode's result of ``step()`` (None in static mode)."""
+        return self.mode.threshold
+
+    def set_option(self, key: str, value: Any) -> None:
+        """Set one ``sparse_config`` key that the mask strategy receives."""
+        self.config["sparse_config"][key] = value
+        self.mask_options = {**self.mask_options, key: value}
+
+    def feature_axis(self, ndim: int) -> int:
         """Where ``feature_dim`` lies in a fused accumulator, for ``ndim``-dim inputs."""
         dim = self.features.dim if self.features is not None else 0
-        axis = self._bound.feature_axis
+        axis = self.bound.feature_axis
         if axis is None:  # elementwise: the accumulator keeps the input's shape
             self._axis = dim
         else:
@@ -231,9 +239,9 @@ class Layer:
 
     def exposed_data(self) -> Any:
         """The aggregated data as torch.ao shows it: a tensor, or a list per feature."""
-        return self._split(self.data)
+        return self.split(self.data)
 
-    def _split(self, data: Any) -> Any:
+    def split(self, data: Any) -> Any:
         """``data`` (shaped like the accumulator) as a tensor, or a list per feature."""
         spec = self.features
         if data is None or spec is None or not self.fused or isinstance(data, list):
@@ -270,24 +278,31 @@ class Layer:
                 )
         self.data = torch.cat(list(data), dim=dim)
 
-    # ----------------------------------------------------------------- hooks
+    # -------------------------------------------------------- feature indices
 
-    def _index_on(self, device: torch.device) -> torch.Tensor:
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """Every selected index along ``feature_dim``, as one tensor on ``device``."""
         index = self._index
         if index is None:
-            index = self._build_indices()
+            index = self.build_indices()
         if index.device != device:
             index = self._index = index.to(device)
-            self._indices = [t.to(device) for t in self._indices or ()]
+            self._indices = [t.to(device) for t in self._indices]
         return index
 
-    def _build_indices(self) -> torch.Tensor:
+    def indices_on(self, device: torch.device) -> list[torch.Tensor]:
+        """One index tensor per feature, on ``device``."""
+        self.index_on(device)
+        return self._indices
+
+    def build_indices(self) -> torch.Tensor:
+        """Build the index tensors (once, when a hook is made: never per call)."""
         groups = self.features.groups if self.features is not None else ()
         self._indices = [torch.tensor(g, dtype=torch.long) for g in groups]
         self._index = torch.cat(self._indices) if groups else torch.empty(0, dtype=torch.long)
         return self._index
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
         """Check the first input after registration or step() against the features."""
         if self.features is None:
             return
@@ -305,223 +320,66 @@ class Layer:
                 f"dimension {dim} of size {size}"
             )
 
-    def _first_input(self, x: torch.Tensor) -> None:
-        """Bookkeeping on the first input, once it is checked and aggregated."""
-        self.input_shape = tuple(x.shape)
-        if self.mask is not None:
-            return
-        # Never keep an inference tensor as the mask: autograd could not save it
-        # when the model later runs with gradients.
-        with torch.inference_mode(False):
-            if self.features is None:
-                self.mask = _ones_placeholder(x)
-                return
-            shape = list(x.shape)
-            masks = []
-            for k in self.features.sizes:
-                shape[self.features.dim] = k
-                masks.append(torch.ones((), dtype=x.dtype, device=x.device).expand(shape))
-            self.mask = masks
+    def slice_shapes(self) -> list[tuple[int, ...]] | None:
+        """The shape of each selected slice of the first input, if one was seen."""
+        if self.input_shape is None or self.features is None:
+            return None
+        shape = list(self.input_shape)
+        out = []
+        for k in self.features.sizes:
+            shape[self.features.dim] = k
+            out.append(tuple(shape))
+        return out
 
-    def _strategy_failed(self, exc: Exception) -> StrategyError:
+    # ------------------------------------------------------------- strategies
+
+    def strategy_failed(self, exc: Exception) -> ActsparseError:
+        """The error that a forward pass raises when the aggregate strategy fails.
+
+        An actsparse error passes through as it is; anything else becomes a
+        :class:`StrategyError` naming the layer and the strategy.
+        """
+        if isinstance(exc, ActsparseError):
+            return exc
         return StrategyError(
             f"layer {self.name!r}: aggregate strategy {self.aggregate.name!r} raised during "
             f"the forward pass: {exc!r}; the layer's aggregated data and mask are unchanged"
         )
 
-    def _check_elementwise(self, new: Any, selected: torch.Tensor) -> None:
-        shape = getattr(new, "shape", None)
-        if shape is None or tuple(shape) != tuple(selected.shape):
-            got = "no tensor" if shape is None else f"shape {tuple(shape)}"
-            raise ConfigError(
-                f"layer {self.name!r}: aggregate strategy {self.aggregate.name!r} is marked "
-                f"elementwise but returned {got} for the selected features of shape "
-                f"{tuple(selected.shape)}; an aggregate that changes the shape must be "
-                "registered with elementwise=False"
-            )
-
-    def aggregate_hook(self) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        fn = self._bound.fn
-        init = self._bound.init or torch.zeros_like
-        spec = self.features
-        if spec is None:
-
-            def aggregate_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = no_graph(args[0])
-                acc = self.data
-                # Compute first, then commit: a raising strategy changes nothing.
-                try:
-                    new = fn(init(x) if acc is None else acc, x)
-                except Exception as exc:
-                    raise self._strategy_failed(exc) from exc
-                if acc is None:
-                    self._first_input(x)
-                self.data = new
-
-            return aggregate_hook
-
-        self._build_indices()
-        dim = spec.dim
-        if self.fused:
-
-            def aggregate_features_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = no_graph(args[0])
-                acc = self.data
-                if acc is None:
-                    self._check_input(x)
-                index = self._index_on(x.device)
-                selected = x.index_select(dim, index)
-                if acc is None:
-                    self._feature_axis(x.ndim)
-                elif isinstance(acc, list):  # restored per feature by load_state_dict
-                    acc = torch.cat(acc, dim=self._feature_axis(x.ndim))
-                try:
-                    new = fn(init(selected) if acc is None else acc, selected)
-                except Exception as exc:
-                    raise self._strategy_failed(exc) from exc
-                if acc is None:
-                    if self.aggregate.elementwise:
-                        self._check_elementwise(new, selected)
-                    self._first_input(x)
-                self.data = new
-
-            return aggregate_features_hook
-
-        def aggregate_each_feature_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            # A callable that is not known to be elementwise gets one call per
-            # feature, as torch.ao does; registered elementwise strategies avoid this.
-            x = no_graph(args[0])
-            acc = self.data
-            if acc is None:
-                self._check_input(x)
-            self._index_on(x.device)
-            slices = [x.index_select(dim, index) for index in self._indices or ()]
-            try:
-                if acc is None:
-                    new = [fn(init(s), s) for s in slices]
-                else:
-                    new = [fn(a, s) for a, s in zip(acc, slices, strict=True)]
-            except Exception as exc:
-                raise self._strategy_failed(exc) from exc
-            if acc is None:
-                self._first_input(x)
-            self.data = new
-
-        return aggregate_each_feature_hook
-
-    def sparsify_hook(self) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
-        self._applied = None
-        if self.features is None:
-
-            def sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-                x = args[0]
-                mask = self._applied
-                if mask is None or mask.device != x.device or mask.dtype != x.dtype:
-                    mask = self._applied = self._mask_for(x)
-                return (x * mask, *args[1:])
-
-            return sparsify_hook
-
-        self._build_indices()
-        dim = self.features.dim
-
-        def sparsify_features_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = args[0]
-            full = self._applied
-            if (
-                full is None
-                or full.device != x.device
-                or full.dtype != x.dtype
-                or full.ndim != x.ndim
-                or full.shape[dim] != x.shape[dim]
-            ):
-                full = self._applied = self._mask_for(x)
-            return (x * full, *args[1:])
-
-        return sparsify_features_hook
-
-    def _mask_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The mask as the sparsify hook applies it to ``x``; built when the cache misses.
-
-        It is never an inference tensor (autograd may have to save it later):
-        stored masks never are, and new ones are built outside inference mode.
-        It must broadcast to ``x`` without growing it.
-        """
-        mask: torch.Tensor
-        with torch.inference_mode(False):
-            if self.features is None:
-                mask = self.mask.to(device=x.device, dtype=x.dtype)
-            else:
-                mask = self._full_mask(x)
+    def reduce_data(self, data: Any, where: str, what: str) -> Any:
+        """``data`` finalized and reduced; a failure is a MaskError naming ``where``."""
         try:
-            shape: tuple[int, ...] | None = tuple(
-                torch.broadcast_shapes(mask.shape, x.shape)  # type: ignore[no-untyped-call]
-            )
-        except RuntimeError:
-            shape = None
-        if shape != tuple(x.shape):
-            raise MaskError(
-                f"layer {self.name!r}: its mask of shape {tuple(mask.shape)} does not "
-                f"broadcast to the input of shape {tuple(x.shape)}; load masks only into "
-                "a model of the same architecture and feed inputs of the calibrated shape"
-            )
-        return mask
+            finalize = self.bound.finalize
+            if finalize is not None:
+                data = finalize(data)
+            return self.reduce.fn(data)
+        except Exception as exc:
+            raise self._mask_failed(where, what, exc) from exc
 
-    def _full_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """One mask over all of dim ``feature_dim``: the features' masks, ones elsewhere."""
-        spec = self.features
-        if spec is None:
-            return self.mask  # type: ignore[no-any-return]
-        ndim = x.ndim
-        dim = spec.dim % ndim
-        parts = []
-        for position, (mask, size) in enumerate(zip(self.mask, spec.sizes, strict=True)):
-            mask = mask.to(device=x.device, dtype=x.dtype)
-            if mask.ndim > ndim:
-                raise MaskError(
-                    f"layer {self.name!r}: the mask of features[{position}] has "
-                    f"{mask.ndim} dimensions, the input only {ndim}"
-                )
-            mask = mask.reshape((1,) * (ndim - mask.ndim) + tuple(mask.shape))
-            if mask.shape[dim] not in (1, size):
-                raise MaskError(
-                    f"layer {self.name!r}: the mask of features[{position}] has size "
-                    f"{mask.shape[dim]} along feature_dim, expected 1 or {size}"
-                )
-            parts.append(mask)
+    def call_mask_strategy(
+        self, reduced: Any, options: Mapping[str, Any], where: str, what: str
+    ) -> Any:
+        """``mask_strategy.fn(reduced, **options)``; a failure is a MaskError naming ``where``."""
         try:
-            common = list(
-                torch.broadcast_shapes(  # type: ignore[no-untyped-call]
-                    *((*p.shape[:dim], 1, *p.shape[dim + 1 :]) for p in parts)
-                )
-            )
-        except RuntimeError as exc:
-            raise MaskError(
-                f"layer {self.name!r}: the features' masks do not broadcast: {exc}"
-            ) from exc
-        expanded = []
-        for part, size in zip(parts, spec.sizes, strict=True):
-            common[dim] = size
-            expanded.append(part.expand(common))
-        common[dim] = x.shape[dim]
-        full = torch.ones(common, dtype=x.dtype, device=x.device)
-        full.index_copy_(dim, self._index_on(x.device), torch.cat(expanded, dim=dim))
-        return full
+            return self.mask_strategy.fn(reduced, **options)
+        except Exception as exc:
+            raise self._mask_failed(where, what, exc) from exc
+
+    def _mask_failed(self, where: str, what: str, exc: Exception) -> MaskError:
+        return MaskError(
+            f"{where}: computing the {what} with reduce {self.reduce.name!r} and mask "
+            f"{self.mask_strategy.name!r} failed: {exc!r}"
+        )
+
+    # ----------------------------------------------------------------- hooks
 
     def attach(self, state: str) -> None:
         """Attach the hook that ``state`` names (replacing any attached one)."""
         self.detach()
-        if self.dynamic:
-            from actsparse.hooks import _dynamic
-
-            if state == AGGREGATE:
-                self.handle = self.module.register_forward_pre_hook(_dynamic.aggregate_hook(self))
-            elif state == SPARSIFY:
-                self.handle = self.module.register_forward_pre_hook(_dynamic.sparsify_hook(self))
-        elif state == AGGREGATE:
-            self.handle = self.module.register_forward_pre_hook(self.aggregate_hook())
+        if state == AGGREGATE:
+            self.handle = self.module.register_forward_pre_hook(self.mode.aggregate_hook(self))
         elif state == SPARSIFY:
-            self.handle = self.module.register_forward_pre_hook(self.sparsify_hook())
+            self.handle = self.mode.sparsify(self)
         self.hook_state = state
 
     def detach(self) -> None:
@@ -534,98 +392,59 @@ class Layer:
     @property
     def combine(self) -> Any:
         """How the accumulator combines across processes (options applied), or None."""
-        return self._bound.combine
+        return self.bound.combine
 
-    def compute_mask(self, data: Any = None) -> Any:
-        """The mask (or threshold) that step() stores, validated; nothing is changed here.
+    def compute(self, data: Any = None) -> Any:
+        """What step() stores for this layer, validated; nothing is changed here.
 
         ``data`` replaces the layer's own accumulator (step() passes the one
         combined across processes); it has the same structure.
         """
-        if data is None:
-            data = self.data
-        if self.dynamic:
-            from actsparse.hooks._dynamic import compute_threshold
-
-            return compute_threshold(self, data)
-        if self.features is None:
-            return self._mask_from(data, self.input_shape, None)
-        per_feature = self._split(data)
-        shapes = self._slice_shapes()
-        return [
-            self._mask_from(d, shapes[i] if shapes else None, i) for i, d in enumerate(per_feature)
-        ]
+        return self.mode.compute(self, self.data if data is None else data)
 
     def store(self, computed: Any) -> None:
-        """Keep what :meth:`compute_mask` returned and clear the aggregated data."""
-        if self.dynamic:
-            self.threshold = computed.result
-            self._reduced = computed.reduced
-        else:
-            self.mask = computed
+        """Keep what :meth:`compute` returned and clear the aggregated data."""
+        self.mode.store(computed)
         self.data = None
 
-    def _slice_shapes(self) -> list[tuple[int, ...]] | None:
-        if self.input_shape is None or self.features is None:
-            return None
-        shape = list(self.input_shape)
-        out = []
-        for k in self.features.sizes:
-            shape[self.features.dim] = k
-            out.append(tuple(shape))
-        return out
+    # ------------------------------------------------------------ state dicts
 
-    def reduce_data(self, data: Any, where: str, what: str) -> Any:
-        """``data`` finalized and reduced; a failure is a MaskError naming ``where``."""
+    def to_state(self) -> LayerState:
+        """This layer as a state-dict record: copies, never the live tensors."""
+        mask = self.mode.mask
+        if isinstance(mask, list):
+            mask = [m.clone() for m in mask]
+        elif mask is not None:
+            mask = mask.clone()
+        data = self.exposed_data()
+        if isinstance(data, list):
+            data = [d.clone() if isinstance(d, torch.Tensor) else copy.deepcopy(d) for d in data]
+        elif isinstance(data, torch.Tensor):
+            data = data.clone()
+        else:
+            data = copy.deepcopy(data)
+        return LayerState(
+            config=self.exposed_config(),
+            hook_state=self.hook_state,
+            mask=mask,
+            threshold=self.mode.threshold,
+            data=data,
+        )
+
+    def restore(self, state: LayerState) -> None:
+        """Take a checked state-dict record of this layer; attaches nothing.
+
+        Raises:
+            SerializationError: The record does not fit the layer.
+        """
+        self.hook_state = state.hook_state
         try:
-            finalize = self._bound.finalize
-            if finalize is not None:
-                data = finalize(data)
-            return self.reduce.fn(data)
-        except Exception as exc:
-            raise MaskError(
-                f"{where}: computing the {what} with reduce {self.reduce.name!r} and mask "
-                f"{self.mask_strategy.name!r} failed: {exc!r}"
+            self.set_exposed_data(copy.deepcopy(state.data))
+        except (ConfigError, RuntimeError, IndexError, TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"the data of layer {self.name!r} cannot be restored: {exc}"
             ) from exc
-
-    def _mask_from(
-        self, data: Any, target: tuple[int, ...] | None, feature: int | None
-    ) -> torch.Tensor:
-        where = f"layer {self.name!r}" + ("" if feature is None else f", features[{feature}]")
-        reduced = self.reduce_data(data, where, "mask")
-        self._check_finite(reduced, where)
-        try:
-            mask = self.mask_strategy.fn(reduced, **self._mask_options)
-        except Exception as exc:
-            raise MaskError(
-                f"{where}: computing the mask with reduce {self.reduce.name!r} and mask "
-                f"{self.mask_strategy.name!r} failed: {exc!r}"
-            ) from exc
-        check_mask(mask, where=where, strategy=self.mask_strategy.name, target=target)
-        checked = cast(torch.Tensor, mask)
-        if checked.is_inference():  # computed in inference mode: autograd may need it later
-            with torch.inference_mode(False):
-                checked = checked.clone()
-        return checked
-
-    def _check_finite(self, reduced: object, where: str) -> None:
-        """Refuse to compute a mask from NaN or Inf: its choice would be arbitrary."""
-        if (
-            not isinstance(reduced, torch.Tensor)
-            or not (reduced.is_floating_point() or reduced.is_complex())
-            or reduced.is_meta
-            or reduced.layout != torch.strided
-        ):
-            return
-        finite = torch.isfinite(reduced)
-        if not bool(finite.all()):
-            bad = int(finite.numel() - int(finite.sum()))
-            raise MaskError(
-                f"{where}: the data that reduce {self.reduce.name!r} returned holds {bad} NaN "
-                f"or Inf value(s) of {finite.numel()}; the calibration inputs (or an fp16 "
-                "accumulator that overflowed) were not finite. No mask was stored: register "
-                "the layer again to restart its aggregation"
-            )
+        self.mode.restore(self, state)
 
 
 def check_mask(
@@ -651,8 +470,14 @@ def check_mask(
             f"{where}: {source} a tensor on the meta device, which holds no values; "
             "calibrate on a device with data"
         )
+    if mask.is_nested or mask.is_quantized:
+        kind = "nested" if mask.is_nested else f"quantized ({mask.dtype})"
+        raise MaskError(f"{where}: {source} a {kind} tensor; masks must be plain dense tensors")
     if mask.is_complex():
-        raise MaskError(f"{where}: {source} a {mask.dtype} tensor; masks must be real")
+        raise MaskError(
+            f"{where}: {source} a {mask.dtype} tensor; masks must be real floating, "
+            "integer or bool tensors"
+        )
     if mask.dtype != torch.bool:
         binary = bool(torch.logical_or(mask == 0, mask == 1).all())
         if not binary:

@@ -12,43 +12,43 @@ import torch
 from torch import nn
 
 from actsparse.core import (
+    AGGREGATE,
     CONFIG_KEYS,
-    HOOK_STATES,
+    DATA_KEY,
+    DETACHED,
+    HOOK_STATE_KEY,
+    MASK_KEY,
+    SPARSIFY,
+    THRESHOLD_KEY,
     ActsparseError,
     ConfigError,
+    DataGroup,
     LayerNotFoundError,
     MaskNotReadyError,
     SerializationError,
+    StateDict,
     StateError,
+    ThresholdResult,
     find_module,
     get_registry,
     module_to_fqn,
+    parse_state_dict,
 )
 from actsparse.hooks._distributed import combine_accumulators, resolve_group, uncombinable
-from actsparse.hooks._dynamic import (
+from actsparse.hooks._fold import fold_layers
+from actsparse.hooks._layer import Layer, resolve_config
+from actsparse.hooks._modes import MaskingMode
+from actsparse.hooks._patterns import match_rules, merge_config, to_rules
+from actsparse.hooks._static import StaticMask
+from actsparse.hooks._threshold import (
     Computed,
-    ThresholdResult,
+    Threshold,
     ValidPositions,
     retarget,
     warn_unreachable,
 )
-from actsparse.hooks._fold import fold_layers
-from actsparse.hooks._layer import (
-    AGGREGATE,
-    DETACHED,
-    SPARSIFY,
-    Layer,
-    check_mask,
-    resolve_config,
-)
-from actsparse.hooks._patterns import match_rules, merge_config, to_rules
 
-__all__ = ["STATE_FORMAT_VERSION", "ActivationSparsifier"]
-
-#: The version of the in-memory state dict layout; ``state_dict()`` writes it.
-STATE_FORMAT_VERSION = 1
-#: The serializer that converts masks between the runtime and the state dict.
-STATE_DICT_SERIALIZER = "sparse_coo"
+__all__ = ["ActivationSparsifier"]
 
 
 class _DataGroup(Mapping[str, Any]):
@@ -63,9 +63,9 @@ class _DataGroup(Mapping[str, Any]):
         keys = [*CONFIG_KEYS, "layer"]
         if self._layer.handle is not None:
             keys.append("hook")
-        keys.append("hook_state")
+        keys.append(HOOK_STATE_KEY)
         if self._layer.data is not None:
-            keys.append("data")
+            keys.append(DATA_KEY)
         return keys
 
     def __getitem__(self, key: str) -> Any:
@@ -76,9 +76,9 @@ class _DataGroup(Mapping[str, Any]):
             return layer.module
         if key == "hook" and layer.handle is not None:
             return layer.handle
-        if key == "hook_state":
+        if key == HOOK_STATE_KEY:
             return layer.hook_state
-        if key == "data" and layer.data is not None:
+        if key == DATA_KEY and layer.data is not None:
             return layer.exposed_data()
         raise KeyError(key)
 
@@ -91,65 +91,6 @@ class _DataGroup(Mapping[str, Any]):
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.items() if k not in ("data", "hook", "layer")}
         return f"DataGroup({self._layer.name!r}, {shown!r})"
-
-
-def _not_inference(mask: Any) -> Any:
-    """``mask`` with inference tensors cloned (``load_state_dict`` in inference mode)."""
-    with torch.inference_mode(False):
-        if isinstance(mask, list):
-            return [_not_inference(m) for m in mask]
-        if isinstance(mask, torch.Tensor) and mask.is_inference():
-            return mask.clone()
-        return mask
-
-
-def _check_restored_masks(layer: Layer) -> None:
-    """Refuse masks that are not dense {0, 1} tensors, or that do not fit the restored data.
-
-    The data of an elementwise aggregate has the input's shape, so a mask
-    must broadcast to it; without data the shape is checked on the first
-    forward pass.
-    """
-    mask = layer.mask
-    if mask is None:
-        return
-    masks = mask if isinstance(mask, list) else [mask]
-    data = layer.exposed_data()
-    shaped = data is not None and layer.aggregate.elementwise and layer.aggregate.init is None
-    datas = data if isinstance(data, list) else [data]
-    for position, m in enumerate(masks):
-        where = f"layer {layer.name!r}" + (
-            "" if layer.features is None else f", features[{position}]"
-        )
-        target = None
-        if shaped and isinstance(datas[position], torch.Tensor):
-            target = tuple(datas[position].shape)
-        check_mask(
-            m,
-            where=where,
-            strategy=layer.mask_strategy.name,
-            target=target,
-            origin="the state dict holds",
-        )
-
-
-def _restore_threshold(name: str, mask: Any, threshold: Any) -> ThresholdResult | None:
-    if mask is not None:
-        raise SerializationError(
-            f"layer {name!r} is in threshold mode; its state must hold no mask"
-        )
-    if threshold is None:
-        return None
-    keys = {"threshold", "target", "expected_sparsity", "zero_fraction"}
-    if not isinstance(threshold, Mapping) or set(threshold) != keys:
-        raise SerializationError(
-            f"state[{name!r}]['threshold'] must be a mapping with exactly the keys "
-            f"{', '.join(sorted(keys))}"
-        )
-    try:
-        return ThresholdResult(**threshold)
-    except (ConfigError, TypeError, ValueError) as exc:
-        raise SerializationError(f"state[{name!r}]['threshold'] is invalid: {exc}") from exc
 
 
 class ActivationSparsifier:
@@ -207,7 +148,7 @@ class ActivationSparsifier:
         return copy.deepcopy(self._defaults)
 
     @property
-    def data_groups(self) -> Mapping[str, Mapping[str, Any]]:
+    def data_groups(self) -> Mapping[str, DataGroup]:
         """Layer name -> read-only mapping of its configuration and state."""
         return {name: _DataGroup(layer) for name, layer in self._layers.items()}
 
@@ -220,9 +161,9 @@ class ActivationSparsifier:
         """
         out: dict[str, dict[str, Any]] = {}
         for name, layer in self._layers.items():
-            out[name] = {"mask": layer.mask}
+            out[name] = {MASK_KEY: layer.mask}
             if layer.threshold is not None:
-                out[name]["threshold"] = layer.threshold
+                out[name][THRESHOLD_KEY] = layer.threshold
         return out
 
     @property
@@ -257,7 +198,7 @@ class ActivationSparsifier:
 
         Layers with a static mask strategy ignore it.
         """
-        return self._valid.active(mask)
+        return self._valid.active(mask, self._layers.values())
 
     # ------------------------------------------------------------ registration
 
@@ -359,6 +300,7 @@ class ActivationSparsifier:
                 f"layer {name!r}: mask strategy {mask.name!r} sets one threshold per layer; "
                 "it does not take features"
             )
+        mode: MaskingMode = Threshold(self._valid) if mask.dynamic else StaticMask()
         return Layer(
             name=name,
             module=module,
@@ -367,7 +309,7 @@ class ActivationSparsifier:
             reduce=reduce,
             mask_strategy=mask,
             features=spec,
-            valid=self._valid if mask.dynamic else None,
+            mode=mode,
         )
 
     def unregister_layer(self, name: str) -> None:
@@ -451,7 +393,7 @@ class ActivationSparsifier:
             datas = combine_accumulators(self._layers, group, problem)
         # Masks are never inference tensors, even when step() runs in inference mode.
         with torch.no_grad(), torch.inference_mode(False):
-            masks = {name: layer.compute_mask(datas[name]) for name, layer in self._layers.items()}
+            masks = {name: layer.compute(datas[name]) for name, layer in self._layers.items()}
         for name, layer in self._layers.items():
             layer.store(masks[name])
         warn_unreachable({n: m.result for n, m in masks.items() if isinstance(m, Computed)})
@@ -490,7 +432,7 @@ class ActivationSparsifier:
         for name, layer in self._layers.items():
             if layer.hook_state == SPARSIFY:
                 raise StateError(f"layer {name!r} is already squashed")
-            if (layer.threshold if layer.dynamic else layer.mask) is None:
+            if not layer.mode.ready:
                 raise MaskNotReadyError(
                     f"layer {name!r} has no mask: run forward passes and step() before "
                     "squash_mask()"
@@ -532,145 +474,53 @@ class ActivationSparsifier:
 
     # ----------------------------------------------------------- state dict
 
-    def _raw_state_dict(self) -> dict[str, Any]:
-        state = {}
-        data_groups = {}
-        for name, layer in self._layers.items():
-            mask = layer.mask
-            if isinstance(mask, list):
-                mask = [m.clone() for m in mask]
-            elif mask is not None:
-                mask = mask.clone()
-            state[name] = {"mask": mask}
-            if layer.threshold is not None:
-                state[name]["threshold"] = layer.threshold.to_dict()
-            group = layer.exposed_config()
-            group["hook_state"] = layer.hook_state
-            data = layer.exposed_data()
-            if data is not None:
-                group["data"] = (
-                    [d.clone() for d in data]
-                    if isinstance(data, list)
-                    else (data.clone() if isinstance(data, torch.Tensor) else copy.deepcopy(data))
-                )
-            data_groups[name] = group
-        return {
-            "state": state,
-            "data_groups": data_groups,
-            "defaults": self.defaults,
-            "format_version": STATE_FORMAT_VERSION,
-        }
-
     def state_dict(self) -> dict[str, Any]:
         """The sparsifier's state: ``{"state", "data_groups", "defaults", "format_version"}``.
 
-        Masks are sparse COO tensors, as torch.ao stores them; data groups hold
-        neither ``hook`` nor ``layer``. The conversion comes from the
-        ``sparse_coo`` serializer (``pip install actsparse-serialize``).
+        Masks are sparse COO tensors, as torch.ao stores them; threshold-mode
+        layers hold ``"threshold"`` instead; data groups hold neither ``hook``
+        nor ``layer``. Everything is a copy. ``actsparse.serialize.save``
+        writes it to a file.
         """
-        serializer = get_registry().get("serializer", STATE_DICT_SERIALIZER)
-        result: dict[str, Any] = serializer.dumps(self._raw_state_dict())
-        return result
+        layers = {name: layer.to_state() for name, layer in self._layers.items()}
+        return StateDict(defaults=self.defaults, layers=layers).as_dict(sparse=True)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state dict taken from a sparsifier over the same architecture.
 
+        It takes what :meth:`state_dict` returns, or torch.ao's state dict.
         Layers are found by name in this sparsifier's model and get the hook
         that their ``hook_state`` names. Everything is checked first: on error
         the sparsifier and the model's hooks are unchanged.
+
+        Raises:
+            SerializationError: The state dict is malformed, or a layer's
+                mask, threshold or data does not fit it.
+            LayerNotFoundError: A layer of the state dict is not in the model.
         """
-        serializer = get_registry().get("serializer", STATE_DICT_SERIALIZER)
-        sd = serializer.loads(state_dict)
-        version = sd.get("format_version", STATE_FORMAT_VERSION)
-        if version != STATE_FORMAT_VERSION:
-            raise SerializationError(
-                f"state dict format_version {version!r} is not supported "
-                f"(this actsparse reads {STATE_FORMAT_VERSION})"
-            )
-        defaults = sd["defaults"]
-        if not isinstance(defaults, Mapping) or set(defaults) != set(CONFIG_KEYS):
-            raise SerializationError(
-                f"state_dict['defaults'] must hold exactly the keys {', '.join(CONFIG_KEYS)}"
-            )
-        groups = sd["data_groups"]
-        state = sd["state"]
-        if not isinstance(groups, Mapping):
-            raise SerializationError("state_dict['data_groups'] must be a mapping")
-        extra = sorted(set(state) - set(groups))
-        if extra:
-            raise SerializationError(
-                f"state_dict['state'] names layers without a data group: {', '.join(extra)}"
-            )
+        parsed = parse_state_dict(state_dict)
         new_layers: dict[str, Layer] = {}
-        for name, group in groups.items():
-            entry = state.get(name, {})
-            layer = self._restore_layer(name, group, entry.get("mask"), entry.get("threshold"))
-            if layer.name in new_layers:
+        for name, record in parsed.layers.items():
+            found = find_module(self.model, name)
+            if found is None:
+                raise LayerNotFoundError(f"layer {name!r} of the state dict is not in the model")
+            fqn, module = found
+            layer = self._build_layer(fqn, module, dict(record.config))
+            layer.restore(record)
+            if fqn in new_layers:
                 raise SerializationError(
                     f"the state dict's layer {name!r} and another one both resolve to the "
-                    f"model's layer {layer.name!r}"
+                    f"model's layer {fqn!r}"
                 )
-            new_layers[layer.name] = layer
-        new_defaults = copy.deepcopy(dict(defaults))
+            new_layers[fqn] = layer
         # Everything is valid: swap.
         for layer in self._layers.values():
             layer.detach()
         self._layers = {}
-        self._defaults = new_defaults
+        self._defaults = dict(parsed.defaults)
         for name, layer in new_layers.items():
             layer.attach(layer.hook_state)
             self._layers[name] = layer
-
-    def _restore_layer(self, name: str, group: Any, mask: Any, threshold: Any = None) -> Layer:
-        if not isinstance(group, Mapping):
-            raise SerializationError(f"data_groups[{name!r}] must be a mapping")
-        missing = [key for key in (*CONFIG_KEYS, "hook_state") if key not in group]
-        if missing:
-            raise SerializationError(
-                f"data_groups[{name!r}] lacks the key(s) {', '.join(map(repr, missing))}"
-            )
-        found = find_module(self.model, name) if isinstance(name, str) else None
-        if found is None:
-            raise LayerNotFoundError(f"layer {name!r} of the state dict is not in the model")
-        name, module = found
-        hook_state = group["hook_state"]
-        if hook_state not in HOOK_STATES:
-            raise SerializationError(
-                f"data_groups[{name!r}]['hook_state'] must be one of {HOOK_STATES}, "
-                f"got {hook_state!r}"
-            )
-        config = {key: copy.deepcopy(group[key]) for key in CONFIG_KEYS}
-        layer = self._build_layer(name, module, config)
-        if layer.features is not None and mask is not None:
-            if not isinstance(mask, list) or len(mask) != len(layer.features.groups):
-                raise SerializationError(
-                    f"the mask of layer {name!r} must be a list with one tensor per feature"
-                )
-        elif mask is not None and not isinstance(mask, torch.Tensor):
-            raise SerializationError(f"the mask of layer {name!r} must be a tensor")
-        if layer.dynamic:
-            layer.threshold = _restore_threshold(name, mask, threshold)
-            if hook_state == SPARSIFY and layer.threshold is None:
-                raise SerializationError(
-                    f"layer {name!r} is squashed in threshold mode but its state holds no threshold"
-                )
-        elif threshold is not None:
-            raise SerializationError(
-                f"the state of layer {name!r} holds a threshold but its mask strategy "
-                f"{layer.mask_strategy.name!r} is not dynamic"
-            )
-        elif hook_state == SPARSIFY and mask is None:
-            raise SerializationError(f"layer {name!r} is squashed but its state holds no mask")
-        layer.mask = _not_inference(mask)
-        layer.hook_state = hook_state
-        try:
-            layer.set_exposed_data(copy.deepcopy(group.get("data")))
-        except (ConfigError, RuntimeError, IndexError, TypeError, ValueError) as exc:
-            raise SerializationError(
-                f"the data of layer {name!r} cannot be restored: {exc}"
-            ) from exc
-        _check_restored_masks(layer)
-        return layer
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}("]

@@ -238,7 +238,7 @@ def _tensors_info(value: Any, where: str, bad: Callable[[str], CommandFailed]) -
 def _describe_state(
     path: Path, state_dict: Any, file_format: str, serialize: Any
 ) -> dict[str, Any]:
-    from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION
+    from actsparse.core import STATE_FORMAT_VERSION
 
     def bad(detail: str) -> CommandFailed:
         return CommandFailed(f"{path}: not a sparsifier state: {detail}")

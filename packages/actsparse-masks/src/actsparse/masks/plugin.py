@@ -73,6 +73,7 @@ def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
             finalize=finalize_histogram,
             params=HISTOGRAM_PARAMS,
             combine="sum",
+            takes_valid=True,
             description="log-spaced histogram of |x| over all positions (bounded memory), "
             "for target_threshold",
         ),
@@ -137,6 +138,7 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
             params={"sparsity_level"},
             required={"sparsity_level"},
             dynamic=True,
+            target_key="sparsity_level",
             description="dynamic: zero |x| <= t per input, t calibrated from an abs_histogram "
             "to reach sparsity_level",
         ),

@@ -7,7 +7,7 @@ docs/formats.md for the formats.
 
 from __future__ import annotations
 
-from actsparse.serialize._files import DEFAULT_FORMAT, load, load_into, save
+from actsparse.serialize._files import DEFAULT_FORMAT, detect_format, load, load_into, save
 from actsparse.serialize._formats import FORMAT_VERSION
 from actsparse.serialize._masks import dense_masks, from_sparse_coo, sparse_coo_masks, to_sparse_coo
 from actsparse.serialize._state import STATE_KEYS, from_torch_ao, to_torch_ao
@@ -20,6 +20,7 @@ __all__ = [
     "STATE_KEYS",
     "__version__",
     "dense_masks",
+    "detect_format",
     "from_sparse_coo",
     "from_torch_ao",
     "load",

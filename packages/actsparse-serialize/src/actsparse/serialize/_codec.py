@@ -18,14 +18,16 @@ from typing import Any
 
 import torch
 
-from actsparse.core import SerializationError, get_registry
+from actsparse.core import (
+    STATE_KEYS,
+    STRATEGY_KEYS,
+    SerializationError,
+    get_registry,
+    parse_state_dict,
+)
 from actsparse.serialize._packing import decode_mask, dtype_str, encode_mask, parse_dtype
-from actsparse.serialize._state import STATE_KEYS, from_torch_ao
 
-__all__ = ["STRATEGY_KEYS", "Decoder", "Encoder", "named_state_dict"]
-
-#: The config keys that hold strategies, and the registry kind of each.
-STRATEGY_KEYS = {"aggregate_fn": "aggregate", "reduce_fn": "reduce", "mask_fn": "mask"}
+__all__ = ["Decoder", "Encoder", "named_state_dict"]
 _RECORDS = {"aggregate": "AggregateStrategy", "reduce": "ReduceStrategy", "mask": "MaskStrategy"}
 _MAX_DEPTH = 64
 #: Integers in a file are signed 64-bit, like torch's and safetensors' own.
@@ -60,20 +62,15 @@ def named_config(config: Mapping[str, Any], *, where: str) -> dict[str, Any]:
 
 
 def named_state_dict(state_dict: object) -> dict[str, Any]:
-    """The state dict with dense masks and every strategy replaced by its name."""
-    sd = from_torch_ao(state_dict)  # type: ignore[arg-type]
-    groups = sd["data_groups"]
-    defaults = sd["defaults"]
-    if not isinstance(groups, Mapping) or not all(isinstance(g, Mapping) for g in groups.values()):
-        raise SerializationError("state_dict['data_groups'] must map layer names to mappings")
-    if not isinstance(defaults, Mapping):
-        raise SerializationError("state_dict['defaults'] must be a mapping")
+    """The state dict, checked, with dense masks and every strategy replaced by its name."""
+    sd = parse_state_dict(state_dict).as_dict(sparse=False)
     return {
         **sd,
         "data_groups": {
-            name: named_config(group, where=f"layer {name!r}") for name, group in groups.items()
+            name: named_config(group, where=f"layer {name!r}")
+            for name, group in sd["data_groups"].items()
         },
-        "defaults": named_config(defaults, where="defaults"),
+        "defaults": named_config(sd["defaults"], where="defaults"),
     }
 
 
@@ -233,37 +230,17 @@ class Decoder:
         if missing:
             raise SerializationError(f"the stored state lacks {', '.join(map(repr, missing))}")
         out: dict[str, Any] = {key: self.value(value, key) for key, value in doc.items()}
-        check_loaded(out)
+        out = check_loaded(out)
         unused = sorted(set(self.tensors) - self.used)
         if unused:
             raise SerializationError(f"tensors that nothing refers to: {', '.join(unused[:5])}")
         return out
 
 
-def _is_mask(value: object) -> bool:
-    if value is None or isinstance(value, torch.Tensor):
-        return True
-    return isinstance(value, list) and all(isinstance(m, torch.Tensor) for m in value)
-
-
-def check_loaded(sd: Mapping[str, Any]) -> None:
-    """Check the outline of a state dict read from a file: what load_state_dict relies on."""
-    state, groups, defaults = sd["state"], sd["data_groups"], sd["defaults"]
-    if not isinstance(state, dict) or not isinstance(groups, dict):
-        raise SerializationError("'state' and 'data_groups' must map layer names to objects")
-    if not isinstance(defaults, dict):
-        raise SerializationError("'defaults' must be an object")
-    for name, layer_state in state.items():
-        if not isinstance(layer_state, dict) or not _is_mask(layer_state.get("mask", 0)):
-            raise SerializationError(
-                f"state[{name!r}] must hold a 'mask' that is None, a tensor or a list of tensors"
-            )
-    for where, config in (("defaults", defaults), *groups.items()):
-        if not isinstance(config, dict):
-            raise SerializationError(f"data_groups[{where!r}] must be an object")
-        for key in STRATEGY_KEYS:
-            if not isinstance(config.get(key), (str, type(None))):
-                raise SerializationError(f"{where}: {key} must be a strategy name or null")
+def check_loaded(sd: object) -> dict[str, Any]:
+    """Check a state dict read from a file (strategies must be names) and return it with
+    dense masks: what ``load_state_dict`` accepts."""
+    return parse_state_dict(sd, names_only=True).as_dict(sparse=False)
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

@@ -12,14 +12,19 @@ from typing import IO, Any
 
 import torch
 
-from actsparse.core import ActsparseError, SerializationError, Serializer, get_registry
+from actsparse.core import (
+    SNIFF_BYTES,
+    ActsparseError,
+    SerializationError,
+    Serializer,
+    get_registry,
+)
 from actsparse.serialize._codec import map_tensors
 
-__all__ = ["DEFAULT_FORMAT", "load", "load_into", "save"]
+__all__ = ["DEFAULT_FORMAT", "detect_format", "load", "load_into", "save"]
 
 #: The format ``save`` writes unless told otherwise (or unless the suffix names another).
 DEFAULT_FORMAT = "safetensors"
-_ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK = 1 << 20
 
 PathLike = str | os.PathLike[str]
@@ -151,8 +156,29 @@ def _read(path: Path) -> bytearray:
     return buf
 
 
-def _sniff(buf: bytearray) -> str:
-    return "torch" if buf[:4] == _ZIP_MAGIC else DEFAULT_FORMAT
+def detect_format(head: bytes | bytearray, *, source: object = "the file") -> str:
+    """The name of the registered file format whose ``sniff`` recognises ``head``.
+
+    ``head`` is the start of a file (its first ``SNIFF_BYTES`` bytes suffice).
+    Every registered binary serializer with a ``sniff`` is asked, third
+    parties' too. A file that none recognises is read as the default format,
+    whose reader then says precisely what is wrong with it.
+
+    Raises:
+        SerializationError: More than one format recognises it.
+    """
+    head = bytes(head[:SNIFF_BYTES])
+    matches = [
+        entry.record.name
+        for entry in get_registry().entries("serializer")
+        if entry.record.binary and entry.record.recognises(head)
+    ]
+    if len(matches) > 1:
+        raise SerializationError(
+            f"{source}: the formats {', '.join(map(repr, matches))} all claim it; pass "
+            "format=... to choose"
+        )
+    return matches[0] if matches else DEFAULT_FORMAT
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -171,7 +197,8 @@ def load(
 
     Args:
         path: The file.
-        format: The format to read; ``None`` tells them apart by content.
+        format: The format to read; ``None`` asks every registered format's
+            ``sniff`` which one the file is in.
         map_location: The device for every tensor (masks and aggregated data);
             ``None`` keeps them on the CPU.
 
@@ -182,7 +209,7 @@ def load(
     """
     source = Path(path)
     buf = _read(source)
-    name = _sniff(buf) if format is None else format
+    name = detect_format(buf, source=source) if format is None else format
     serializer = _serializer(name, source)
     try:
         state_dict: dict[str, Any] = serializer.loads(buf)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from actsparse.core import SerializationError
+from actsparse.core import STATE_KEYS, SerializationError
 from actsparse.serialize._codec import Decoder, Encoder, check_loaded, named_state_dict
 from actsparse.serialize._safetensors import (
     TensorEntry,
@@ -25,11 +25,12 @@ from actsparse.serialize._safetensors import (
     tensor_at,
     write_safetensors,
 )
-from actsparse.serialize._state import STATE_KEYS
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "is_safetensors",
+    "is_torch_zip",
     "safetensors_dumps",
     "safetensors_loads",
     "torch_dumps",
@@ -42,6 +43,20 @@ FORMAT_NAME = "actsparse"
 FORMAT_VERSION = 1
 #: The ``format`` entry of a torch-style file.
 TORCH_FORMAT_NAME = "actsparse-torch"
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def is_safetensors(head: bytes) -> bool:
+    """Whether a file starting with ``head`` looks like a safetensors file: an 8-byte
+    little-endian header length, then a JSON object."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2
+
+
+def is_torch_zip(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is a zip archive, as ``torch.save`` writes."""
+    return head[:4] == _ZIP_MAGIC
 
 
 def _digest(entries: list[TensorEntry], state_json: str, data: memoryview) -> str:
@@ -134,7 +149,7 @@ def _torch_checksum(state_dict: Mapping[str, Any]) -> str:
 
 def torch_loads(buf: bytes | bytearray) -> dict[str, Any]:
     """Read a torch-style file with ``weights_only=True``: a pickle of code is refused."""
-    if bytes(buf[:4]) != b"PK\x03\x04":
+    if not is_torch_zip(bytes(buf[:4])):
         # torch.load would fall back to its legacy (bare pickle) reader; never go there.
         raise SerializationError("not a torch zip file (torch.save writes zip files)")
     try:
@@ -158,7 +173,6 @@ def torch_loads(buf: bytes | bytearray) -> dict[str, Any]:
     sd = payload.get("state_dict")
     if not isinstance(sd, dict) or any(key not in sd for key in STATE_KEYS):
         raise SerializationError(f"the file's state_dict lacks one of {', '.join(STATE_KEYS)}")
-    check_loaded(sd)
     if payload.get("checksum") != _torch_checksum(sd):
         raise SerializationError("the checksum does not match the contents: the file is corrupted")
-    return sd
+    return check_loaded(sd)

@@ -1,57 +1,42 @@
-"""Mask conversion between dense tensors and torch's sparse COO layout."""
+"""Mask conversion between dense tensors and torch's sparse COO layout.
+
+The conversions belong to :mod:`actsparse.core`, which owns the state dict's
+layout; these names are kept for users of ``actsparse.serialize``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from actsparse.core import SerializationError
+from actsparse.core import convert_masks, mask_to_dense, mask_to_sparse
 
 __all__ = ["dense_masks", "from_sparse_coo", "sparse_coo_masks", "to_sparse_coo"]
 
 
 def to_sparse_coo(mask: torch.Tensor) -> torch.Tensor:
     """A dense mask as a sparse COO tensor (a sparse one is returned as is)."""
-    return mask if mask.is_sparse else mask.to_sparse_coo()  # type: ignore[no-untyped-call]
+    return mask_to_sparse(mask)
 
 
 def from_sparse_coo(mask: torch.Tensor) -> torch.Tensor:
-    """A sparse COO (or dense) mask as a dense tensor."""
-    return mask.to_dense() if mask.is_sparse else mask
+    """A sparse COO (or dense) mask as a dense tensor; its indices are checked first."""
+    return mask_to_dense(mask)
 
 
-def _map_masks(
-    state: Mapping[str, Any], convert: Callable[[torch.Tensor], torch.Tensor]
-) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for name, layer_state in state.items():
-        if not isinstance(layer_state, Mapping) or "mask" not in layer_state:
-            raise SerializationError(
-                f"state[{name!r}] must be a mapping with a 'mask' key, got {layer_state!r}"
-            )
-        mask = layer_state["mask"]
-        if mask is None:
-            converted: Any = None
-        elif isinstance(mask, torch.Tensor):
-            converted = convert(mask)
-        elif isinstance(mask, (list, tuple)) and all(isinstance(m, torch.Tensor) for m in mask):
-            converted = [convert(m) for m in mask]
-        else:
-            raise SerializationError(
-                f"state[{name!r}]['mask'] must be None, a tensor or a list of tensors, "
-                f"got {type(mask).__name__}"
-            )
-        out[name] = {**layer_state, "mask": converted}
-    return out
+def _as_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {"state": state, "data_groups": {}, "defaults": {}}
 
 
 def sparse_coo_masks(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """A copy of a ``state`` mapping (name -> {"mask": ...}) with COO masks."""
-    return _map_masks(state, to_sparse_coo)
+    out: dict[str, dict[str, Any]] = convert_masks(_as_state_dict(state), sparse=True)["state"]
+    return out
 
 
 def dense_masks(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """A copy of a ``state`` mapping (name -> {"mask": ...}) with dense masks."""
-    return _map_masks(state, from_sparse_coo)
+    out: dict[str, dict[str, Any]] = convert_masks(_as_state_dict(state), sparse=False)["state"]
+    return out

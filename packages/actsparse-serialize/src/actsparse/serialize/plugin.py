@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from actsparse.core import Serializer, hookimpl
 from actsparse.serialize._formats import (
+    is_safetensors,
+    is_torch_zip,
     safetensors_dumps,
     safetensors_loads,
     torch_dumps,
@@ -27,6 +29,7 @@ def actsparse_serializers() -> list[Serializer]:
             loads=safetensors_loads,
             binary=True,
             suffix=".safetensors",
+            sniff=is_safetensors,
             description="the default file: safetensors tensors, packed masks, JSON metadata; "
             "no pickle",
         ),
@@ -36,6 +39,7 @@ def actsparse_serializers() -> list[Serializer]:
             loads=torch_loads,
             binary=True,
             suffix=".pt",
+            sniff=is_torch_zip,
             description="a torch.save file that torch.load(..., weights_only=True) reads",
         ),
     ]
