@@ -105,14 +105,6 @@ def test_a_bad_plugin_is_refused_and_changes_nothing(
     sparsifier.register_layer(model[0])
 
 
-def test_duplicates_between_two_plugins_of_an_isolated_manager_name_both() -> None:
-    pm = make_plugin_manager(load_entrypoints=False)
-    pm.register(_DuplicateMagnitude(), name="one")
-    pm.register(_DuplicateMagnitude(), name="two")
-    with pytest.raises(DuplicateStrategyError, match="by plugin 'one' and by plugin 'two'"):
-        Registry.from_plugin_manager(pm)
-
-
 class _EntryPoint:
     """What ``importlib.metadata.entry_points`` yields, for a plugin that fails to import."""
 
