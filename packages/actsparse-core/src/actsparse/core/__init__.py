@@ -5,6 +5,8 @@ Plugin authors import :data:`hookimpl` and the record types from here.
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from actsparse.core._errors import (
     ActsparseError,
     ConfigError,
@@ -61,7 +63,7 @@ from actsparse.core._registry import (
     unregister_plugin,
 )
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("actsparse-core")
 
 __all__ = [
     "BLOCK_ENV_VAR",

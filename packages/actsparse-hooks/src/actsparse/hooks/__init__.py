@@ -9,6 +9,8 @@ and a step count or time budget. The ``actsparse`` command line lives in
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
 from actsparse.hooks._dynamic import SparsityTargetWarning, ThresholdResult
@@ -16,7 +18,7 @@ from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, Prun
 from actsparse.hooks._patterns import LayerRule
 from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION, ActivationSparsifier
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("actsparse-hooks")
 
 __all__ = [
     "STATE_FORMAT_VERSION",
