@@ -1,4 +1,8 @@
-"""Every misuse that CONTRACT.md names gets a clear error, and a failing call changes nothing."""
+"""Misuse of the sparsifier's API gets a clear error, and a failing call changes nothing.
+
+Each error is an actsparse error that is also the builtin torch.ao raises for
+the same misuse, and its message names what is at fault.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,12 @@
-"""The seed workflow of CONTRACT.md, end to end, on the seed CNN.
+"""The seed workflow, end to end, on the seed CNN.
 
-Every step of the workflow is checked against values computed here from the
-recorded layer inputs, and the state dict is saved and restored into a fresh
-sparsifier at each point of the workflow.
+The workflow: construct a sparsifier with default functions and config,
+register four layers (two whole, two on selected features of dimension 1),
+aggregate their inputs over several forward passes, step() to compute the
+masks, squash_mask() so that the layers see input * mask, and unregister a
+layer to give it back its plain input. Every step is checked against values
+computed here from the recorded layer inputs, and the state dict is saved and
+restored into a fresh sparsifier at each point of the workflow.
 """
 
 from __future__ import annotations
@@ -227,7 +231,7 @@ def test_seed_workflow(recorded_inputs: dict[str, list[torch.Tensor]]) -> None:
     with torch.no_grad():
         assert torch.equal(restored.model(probe), model(probe))
 
-    # 7. unregister_layer
+    # 6. unregister_layer
     sparsifier.unregister_layer("identity1")
     assert "identity1" not in sparsifier.data_groups
     assert "identity1" not in sparsifier.state

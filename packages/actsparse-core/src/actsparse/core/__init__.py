@@ -5,6 +5,8 @@ Plugin authors import :data:`hookimpl` and the record types from here.
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from actsparse.core._errors import (
     ActsparseError,
     ConfigError,
@@ -79,7 +81,7 @@ from actsparse.core._state import (
     parse_state_dict,
 )
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("actsparse-core")
 
 __all__ = [
     "AGGREGATE",

@@ -9,6 +9,8 @@ and a step count or time budget. The ``actsparse`` command line lives in
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from actsparse.core import STATE_FORMAT_VERSION, ThresholdResult
 from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
@@ -17,7 +19,7 @@ from actsparse.hooks._patterns import LayerRule
 from actsparse.hooks._sparsifier import ActivationSparsifier
 from actsparse.hooks._threshold import SparsityTargetWarning
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("actsparse-hooks")
 
 __all__ = [
     "STATE_FORMAT_VERSION",

@@ -6,6 +6,8 @@ plugin; the functions are also importable for direct use.
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
 from actsparse.masks._histogram import (
     abs_histogram_aggregate,
@@ -32,7 +34,7 @@ from actsparse.masks._streaming import (
     sq_mean_aggregate,
 )
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("actsparse-masks")
 
 __all__ = [
     "__version__",

@@ -7,12 +7,14 @@ docs/formats.md for the formats.
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from actsparse.serialize._files import DEFAULT_FORMAT, detect_format, load, load_into, save
 from actsparse.serialize._formats import FORMAT_VERSION
 from actsparse.serialize._masks import dense_masks, from_sparse_coo, sparse_coo_masks, to_sparse_coo
 from actsparse.serialize._state import STATE_KEYS, from_torch_ao, to_torch_ao
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("actsparse-serialize")
 
 __all__ = [
     "DEFAULT_FORMAT",
