@@ -139,20 +139,65 @@ def _stat(x: torch.Tensor, dims: tuple[int, ...], kind: str, dtype: torch.dtype)
     return torch.maximum(high, low.neg_())
 
 
+def _dims_key(sample_dims: int | Sequence[int] | None) -> object:
+    """``sample_dims`` in a hashable form (a list becomes a tuple) for the plan cache."""
+    if isinstance(sample_dims, list):
+        return tuple(sample_dims)
+    return sample_dims
+
+
+#: (input shape, sample_dims) -> plan; bounded, cleared when full
+_PLANS: dict[tuple[tuple[int, ...], object], tuple[tuple[int, ...], tuple[int, ...], int]] = {}
+_MAX_PLANS = 256
+
+
+def _compute_plan(
+    shape: tuple[int, ...], sample_dims: int | Sequence[int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    dims = resolve_sample_dims(len(shape), sample_dims)
+    lead = _leading(len(shape), dims)
+    kept = tuple(1 if d in dims else shape[d] for d in range(lead, len(shape)))
+    count = 1
+    for d in dims:
+        count *= shape[d]
+    return dims, kept, count
+
+
+def _plan(
+    shape: tuple[int, ...], sample_dims: int | Sequence[int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """``(dims, kept, count)`` for an input of ``shape``: computed once per shape.
+
+    The forward hook runs on every call; the Python work of resolving the
+    dimensions is done once per input shape, not once per call (under
+    ``torch.compile`` it is done while tracing, and the graph holds none of it).
+    """
+    if torch.compiler.is_compiling():
+        return _compute_plan(shape, sample_dims)
+    key = (shape, _dims_key(sample_dims))
+    try:
+        return _PLANS[key]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable sample_dims: resolve_sample_dims reports it
+        return _compute_plan(shape, sample_dims)
+    plan = _compute_plan(shape, sample_dims)
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
 def _streaming(
     acc: torch.Tensor, x: torch.Tensor, sample_dims: int | Sequence[int] | None, kind: str
 ) -> torch.Tensor:
-    dims = resolve_sample_dims(x.ndim, sample_dims)
-    kept = _kept_shape(x, dims)
-    if kept != tuple(acc.shape[1:]):
+    dims, kept, count = _plan(tuple(x.shape), sample_dims)
+    if kept != acc.shape[1:]:
         raise ConfigError(
             f"the kept dimensions of the input changed from {tuple(acc.shape[1:])} to "
             f"{kept} (input shape {tuple(x.shape)}, sample dimensions "
             f"{list(dims)}); name the dimensions that vary in sample_dims"
         )
-    count = 1
-    for d in dims:
-        count *= x.shape[d]
     if count == 1:
         # One sample (a batch of one, or no sample dimension): folding over
         # size-1 dimensions would only copy, so the statistic is x itself.
