@@ -57,6 +57,10 @@ class FeatureSpec:
         return tuple(i for g in self.groups for i in g)
 
 
+#: The largest index torch can hold (int64).
+_MAX_INDEX = 2**63 - 1
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -97,6 +101,11 @@ def parse_features(layer: str, features: object, feature_dim: object) -> Feature
             if index < 0:
                 raise ConfigError(
                     f"layer {layer!r}: features[{position}] holds the negative index {index}"
+                )
+            if index > _MAX_INDEX:
+                raise ConfigError(
+                    f"layer {layer!r}: features[{position}] holds the index {index}, beyond "
+                    f"the largest index a tensor can have ({_MAX_INDEX})"
                 )
             if index in seen:
                 raise ConfigError(
@@ -185,6 +194,8 @@ class Layer:
             self.aggregate, self.mask_strategy, self.config["sparse_config"], layer=self.name
         )
         self.bound = self.aggregate.bind(options)
+        # Built here, once: a layer that cannot be built fails before it replaces another.
+        self.build_indices()
 
     # ----------------------------------------------------------------- config
 
@@ -332,6 +343,19 @@ class Layer:
         return out
 
     # ------------------------------------------------------------- strategies
+
+    def bad_input(self, args: tuple[Any, ...]) -> Any:
+        """Raise the error for a call whose first positional argument is not a tensor."""
+        if not args:
+            raise ConfigError(
+                f"layer {self.name!r} was called without a positional input (as "
+                "layer(input=x)?); actsparse's hooks see positional arguments only, so call "
+                "it as layer(x)"
+            )
+        raise ConfigError(
+            f"layer {self.name!r}: its first positional input is a {type(args[0]).__name__}, "
+            "not a tensor; actsparse sparsifies the tensor that a layer receives first"
+        )
 
     def strategy_failed(self, exc: Exception) -> ActsparseError:
         """The error that a forward pass raises when the aggregate strategy fails.

@@ -100,7 +100,9 @@ class StaticMask:
         if spec is None:
 
             def aggregate_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = no_graph(args[0])
+                x = no_graph(
+                    args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
+                )
                 acc = layer.data
                 # Compute first, then commit: a raising strategy changes nothing.
                 try:
@@ -113,13 +115,14 @@ class StaticMask:
 
             return aggregate_hook
 
-        layer.build_indices()
         dim = spec.dim
         if layer.fused:
             elementwise = layer.aggregate.elementwise
 
             def aggregate_features_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                x = no_graph(args[0])
+                x = no_graph(
+                    args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
+                )
                 acc = layer.data
                 if acc is None:
                     layer.check_input(x)
@@ -143,7 +146,9 @@ class StaticMask:
         def aggregate_each_feature_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             # A callable that is not known to be elementwise gets one call per
             # feature, as torch.ao does; registered elementwise strategies avoid this.
-            x = no_graph(args[0])
+            x = no_graph(
+                args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
+            )
             acc = layer.data
             if acc is None:
                 layer.check_input(x)
@@ -166,12 +171,10 @@ class StaticMask:
     def sparsify(self, layer: Layer) -> Handle:
         self._applied = None
         self._checked = None
-        if layer.features is not None:
-            layer.build_indices()
         dim = layer.features.dim if layer.features is not None else 0
 
         def sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = args[0]
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
             mask = self._applied
             if (
                 mask is None

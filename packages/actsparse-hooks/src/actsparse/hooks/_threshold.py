@@ -138,7 +138,9 @@ class Threshold:
         holder = self._valid if layer.aggregate.takes_valid else None
 
         def threshold_aggregate_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = no_graph(args[0])
+            x = no_graph(
+                args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
+            )
             acc = layer.data
             valid = holder.mask if holder is not None else None
             options = {} if valid is None else {"valid": _valid_for(layer, valid, x)}
@@ -163,7 +165,8 @@ class Threshold:
         def threshold_sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             # hardshrink keeps x where |x| > t and writes 0 elsewhere: one kernel, and
             # the threshold is a Python float, so nothing else is built per call.
-            return (F.hardshrink(args[0], threshold), *args[1:])
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
+            return (F.hardshrink(x, threshold), *args[1:])
 
         return layer.module.register_forward_pre_hook(threshold_sparsify_hook)
 
