@@ -17,6 +17,7 @@ from actsparse.core import (
     ConfigError,
     DuplicateStrategyError,
     Entry,
+    KernelStrategy,
     MaskStrategy,
     PluginError,
     ReduceStrategy,
@@ -36,18 +37,21 @@ HOOKS = {
     "reduce": "actsparse_reduce_strategies",
     "mask": "actsparse_mask_strategies",
     "serializer": "actsparse_serializers",
+    "kernel": "actsparse_kernels",
 }
 PACKAGES = {
     "aggregate": "actsparse-masks",
     "reduce": "actsparse-masks",
     "mask": "actsparse-masks",
     "serializer": "actsparse-serialize",
+    "kernel": "actsparse-hooks",
 }
 LABELS = {
     "aggregate": "aggregate strategy",
     "reduce": "reduce strategy",
     "mask": "mask strategy",
     "serializer": "serializer",
+    "kernel": "kernel",
 }
 
 
@@ -67,6 +71,8 @@ def record(kind: str, name: str, fn: Callable[..., Any] | None = None) -> Any:
         return ReduceStrategy(name=name, fn=fn or _ident)
     if kind == "mask":
         return MaskStrategy(name=name, fn=fn or _ident)
+    if kind == "kernel":
+        return KernelStrategy(name=name, supports=fn or _ident)
     return Serializer(name=name, dumps=fn or _ident, loads=_ident)
 
 
@@ -107,7 +113,7 @@ record_names = st.text(
 # --------------------------------------------------------------- isolation
 
 
-def test_kinds_are_the_four_hooks() -> None:
+def test_kinds_are_the_five_hooks() -> None:
     assert {key: kind.hook for key, kind in KINDS.items()} == HOOKS
     assert {key: kind.package for key, kind in KINDS.items()} == PACKAGES
 

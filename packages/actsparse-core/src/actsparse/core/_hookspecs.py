@@ -16,7 +16,13 @@ from collections.abc import Sequence
 
 import pluggy
 
-from actsparse.core._records import AggregateStrategy, MaskStrategy, ReduceStrategy, Serializer
+from actsparse.core._records import (
+    AggregateStrategy,
+    KernelStrategy,
+    MaskStrategy,
+    ReduceStrategy,
+    Serializer,
+)
 
 PROJECT_NAME = "actsparse"
 
@@ -89,4 +95,29 @@ def actsparse_serializers() -> Sequence[Serializer]:  # type: ignore[empty-body]
         @hookimpl
         def actsparse_serializers():
             return [Serializer(name="identity", dumps=dict, loads=dict)]
+    """
+
+
+@hookspec
+def actsparse_kernels() -> Sequence[KernelStrategy]:  # type: ignore[empty-body]
+    """Return the kernels (ways of computing a squashed threshold-mode layer) this plugin provides.
+
+    A kernel zeroes the entries ``|x| <= threshold`` of a layer's input and
+    computes the layer, skipping what the zeros make useless. ``supports``
+    says which modules it computes, ``available`` what the machine lacks, and
+    ``crossover`` up to how many tokens it beats the dense layer, so that
+    ``kernel="auto"`` can choose per call. Names must be unique across all
+    installed plugins.
+
+    Example::
+
+        @hookimpl
+        def actsparse_kernels():
+            return [
+                KernelStrategy(
+                    name="shrink_then_linear",
+                    supports=lambda m: None if isinstance(m, nn.Linear) else "not a Linear",
+                    apply=lambda m, t: lambda x: F.linear(F.hardshrink(x, t), m.weight, m.bias),
+                )
+            ]
     """

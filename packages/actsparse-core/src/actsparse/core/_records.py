@@ -21,6 +21,7 @@ __all__ = [
     "SNIFF_BYTES",
     "AggregateStrategy",
     "BoundAggregate",
+    "KernelStrategy",
     "MaskStrategy",
     "ReduceStrategy",
     "Serializer",
@@ -476,3 +477,53 @@ class Serializer:
             return bool(self.sniff(head))
         except Exception:
             return False
+
+
+@attrs.frozen
+class KernelStrategy:
+    """How a threshold-mode layer is computed once squashed: zero ``|x| <= t``, then the layer.
+
+    A kernel may compute both steps at once and skip the work that the zeros
+    make useless (a matrix-vector product needs only the weight columns of
+    the nonzero inputs). Which kernel runs is a property of the machine, never
+    of the saved state: ``squash_mask(kernel=...)`` or ``set_kernel()`` picks
+    it by name, or ``"auto"`` picks the fastest one per call.
+
+    Attributes:
+        name: The name users pass as ``kernel``.
+        supports: ``supports(module) -> str | None``: None when the kernel can
+            compute ``module`` (its type, dtype and device), else the reason
+            it cannot, for the error message.
+        apply: ``apply(module, threshold) -> fn`` where ``fn(x)`` returns
+            ``module(x with |x| <= threshold zeroed)`` for inputs of shape
+            ``(*, in_features)``. It may change how the module stores its
+            parameters (once, keeping one copy of every weight), never their
+            values. ``None`` is the runtime's own path: a pre-hook that zeroes
+            with ``hardshrink``, then the module's forward.
+        available: ``available() -> str | None``: None when this machine can
+            run the kernel now, else what is missing (a compiler, a GPU, a
+            package). Called when a kernel is chosen, never per call.
+        crossover: ``crossover(module, sparsity) -> int``: the largest number
+            of tokens (rows of ``x``) at which the kernel is faster than the
+            dense layer at that input sparsity, measured on this machine
+            (0: never). ``"auto"`` uses the kernel up to that count and the
+            dense path above it; ``None`` means ``"auto"`` never picks it.
+        description: One line for ``actsparse plugins`` and the docs.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    supports: Callable[[Any], str | None] = attrs.field(validator=_check_callable)
+    apply: Callable[[Any, float], Callable[[Any], Any]] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
+    available: Callable[[], str | None] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
+    crossover: Callable[[Any, float], int] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
+    description: str = attrs.field(default="", validator=_of_type(str))
+
+    def unavailable(self) -> str | None:
+        """What this machine lacks to run the kernel, or None."""
+        return None if self.available is None else self.available()

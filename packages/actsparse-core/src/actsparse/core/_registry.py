@@ -24,6 +24,7 @@ from actsparse.core._errors import (
 from actsparse.core._hookspecs import PROJECT_NAME
 from actsparse.core._records import (
     AggregateStrategy,
+    KernelStrategy,
     MaskStrategy,
     ReduceStrategy,
     Serializer,
@@ -90,6 +91,7 @@ KINDS: Mapping[str, Kind] = {
         Kind(
             "serializer", "actsparse_serializers", Serializer, "serializer", "actsparse-serialize"
         ),
+        Kind("kernel", "actsparse_kernels", KernelStrategy, "kernel", "actsparse-hooks"),
     )
 }
 

@@ -14,6 +14,7 @@ import importlib.metadata
 from actsparse.core import STATE_FORMAT_VERSION, ThresholdResult
 from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
+from actsparse.hooks._execution import KernelWarning
 from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
 from actsparse.hooks._patterns import LayerRule
 from actsparse.hooks._sparsifier import ActivationSparsifier
@@ -25,6 +26,7 @@ __all__ = [
     "STATE_FORMAT_VERSION",
     "ActivationSparsifier",
     "CalibrationSummary",
+    "KernelWarning",
     "LayerRule",
     "PrunedConv1d",
     "PrunedConv2d",

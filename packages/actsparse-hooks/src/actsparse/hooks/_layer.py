@@ -352,6 +352,11 @@ class Layer:
                 "layer(input=x)?); actsparse's hooks see positional arguments only, so call "
                 "it as layer(x)"
             )
+        if isinstance(args[0], torch.Tensor):
+            raise ConfigError(
+                f"layer {self.name!r}: its kernel computes layer(x) and takes no other "
+                f"argument, got {len(args)} positional argument(s) and keywords"
+            )
         raise ConfigError(
             f"layer {self.name!r}: its first positional input is a {type(args[0]).__name__}, "
             "not a tensor; actsparse sparsifies the tensor that a layer receives first"

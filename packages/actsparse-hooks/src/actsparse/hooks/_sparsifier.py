@@ -35,6 +35,7 @@ from actsparse.core import (
     parse_state_dict,
 )
 from actsparse.hooks._distributed import combine_accumulators, resolve_group, uncombinable
+from actsparse.hooks._execution import DENSE, kernel_modes
 from actsparse.hooks._fold import fold_layers
 from actsparse.hooks._layer import Layer, resolve_config
 from actsparse.hooks._modes import MaskingMode
@@ -417,11 +418,21 @@ class ActivationSparsifier:
                     return error
         return None
 
-    def squash_mask(self, attach_sparsify_hook: bool = True, **kwargs: Any) -> None:
+    def squash_mask(
+        self, attach_sparsify_hook: bool = True, *, kernel: str = DENSE, **kwargs: Any
+    ) -> None:
         """Remove the aggregation hooks; with ``attach_sparsify_hook``, apply the masks.
 
         After this, each layer sees ``input * mask`` (with features, only the
-        selected slices are multiplied). Every layer must have a mask.
+        selected slices are multiplied); a threshold-mode layer sees its input
+        with ``|x| <= threshold`` zeroed. Every layer must have a mask or a
+        threshold.
+
+        Args:
+            attach_sparsify_hook: False removes every hook and applies nothing.
+            kernel: How threshold-mode layers are computed (see :meth:`set_kernel`):
+                ``"dense"`` (the default: zero, then the layer), the name of a
+                registered kernel, or ``"auto"``. Static masks ignore it.
         """
         if kwargs:
             raise ConfigError(
@@ -437,8 +448,36 @@ class ActivationSparsifier:
                     f"layer {name!r} has no mask: run forward passes and step() before "
                     "squash_mask()"
                 )
-        for layer in self._layers.values():
+        modes = kernel_modes(self._layers, kernel) if attach_sparsify_hook else {}
+        for name, layer in self._layers.items():
+            if name in modes:
+                layer.mode = modes[name]
             layer.attach(SPARSIFY if attach_sparsify_hook else DETACHED)
+
+    def set_kernel(self, kernel: str) -> None:
+        """Choose how threshold-mode layers are computed once squashed; works at any time.
+
+        ``kernel`` is ``"dense"`` (zero the entries ``|x| <= threshold`` with
+        one ``hardshrink``, then run the layer), the name of a registered
+        kernel (``actsparse plugins`` lists them), or ``"auto"``: each layer
+        gets the kernel that supports it and beats the dense layer on this
+        machine, for inputs of up to the number of tokens where it measured
+        faster (single-token decoding), and the dense path above. The choice
+        is not part of the state dict: a loaded state runs dense until this
+        is called. Layers with a static mask are not affected.
+
+        Raises:
+            UnknownStrategyError: No kernel has that name.
+            ConfigError: The kernel cannot run on this machine (the message
+                says what is missing), or cannot compute one of the layers;
+                nothing changes.
+        """
+        modes = kernel_modes(self._layers, kernel)
+        for name, mode in modes.items():
+            layer = self._layers[name]
+            layer.mode = mode
+            if layer.hook_state == SPARSIFY:
+                layer.attach(SPARSIFY)
 
     # --------------------------------------------------------------- folding
 

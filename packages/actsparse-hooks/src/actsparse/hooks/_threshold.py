@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from actsparse.core import (
     SPARSIFY,
     ConfigError,
+    KernelStrategy,
     LayerNotFoundError,
     LayerState,
     Mask,
@@ -41,7 +42,15 @@ from actsparse.core import (
 from actsparse.hooks._layer import Layer, no_graph
 from actsparse.hooks._modes import Handle, PreHook
 
-__all__ = ["SparsityTargetWarning", "Threshold", "ValidPositions", "retarget", "warn_unreachable"]
+__all__ = [
+    "KernelPlan",
+    "KernelThreshold",
+    "SparsityTargetWarning",
+    "Threshold",
+    "ValidPositions",
+    "retarget",
+    "warn_unreachable",
+]
 
 
 class SparsityTargetWarning(UserWarning):
@@ -241,6 +250,94 @@ class Threshold:
             )
         self._result = state.threshold
         self._reduced = None
+
+
+@attrs.frozen
+class KernelPlan:
+    """Which kernel computes a squashed threshold-mode layer, and up to how many tokens.
+
+    ``limit`` None: always the kernel (a kernel forced by name); an int: the
+    kernel for inputs of at most that many tokens, the dense path above
+    (``kernel="auto"``, from the crossover the kernel measured).
+    """
+
+    kernel: KernelStrategy
+    limit: int | None = None
+
+
+class _ForwardHandle:
+    """Restores a module's own ``forward`` when the kernel is detached."""
+
+    def __init__(self, module: nn.Module, forward: Any) -> None:
+        self._module = module
+        self._forward = forward
+
+    def remove(self) -> None:
+        module = self._module
+        if module.__dict__.get("forward") is self._forward:
+            del module.__dict__["forward"]
+
+
+class KernelThreshold(Threshold):
+    """The threshold applied by a registered kernel that computes the layer itself.
+
+    Once squashed, the layer's ``forward`` is replaced by the kernel's
+    function (``KernelStrategy.apply``), which zeroes ``|x| <= threshold`` and
+    skips the work of the zeros; with a ``limit``, inputs of more tokens take
+    the dense path (zero, then the layer's own forward) instead. Calibration,
+    ``step()``, thresholds and state are those of :class:`Threshold`.
+    """
+
+    def __init__(self, valid: ValidPositions, plan: KernelPlan) -> None:
+        super().__init__(valid)
+        self.plan = plan
+
+    @classmethod
+    def of(cls, mode: Threshold, plan: KernelPlan) -> KernelThreshold:
+        """``mode``'s threshold and statistics, applied by ``plan``'s kernel."""
+        new = cls(mode._valid, plan)
+        new._result, new._reduced = mode._result, mode._reduced
+        return new
+
+    def dense(self) -> Threshold:
+        """The same threshold and statistics, applied by the dense pre-hook."""
+        new = Threshold(self._valid)
+        new._result, new._reduced = self._result, self._reduced
+        return new
+
+    def sparsify(self, layer: Layer) -> Handle:
+        result = self._result
+        if result is None:
+            raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
+        module = layer.module
+        threshold = result.threshold
+        apply = self.plan.kernel.apply
+        if apply is None:  # the runtime's own dense path
+            return super().sparsify(layer)
+        own = type(module).forward.__get__(module)
+        fast = apply(module, threshold)
+        limit = self.plan.limit
+
+        if limit is None:
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                    layer.bad_input(args)
+                return fast(args[0])
+
+        else:
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                    layer.bad_input(args)
+                x = args[0]
+                # a shape test: under torch.compile it is a guard, not a graph break
+                if x.numel() <= limit * x.shape[-1]:
+                    return fast(x)
+                return own(F.hardshrink(x, threshold))
+
+        module.__dict__["forward"] = forward
+        return _ForwardHandle(module, forward)
 
 
 def retarget(layers: Mapping[str, Layer], levels: Mapping[str, Any]) -> None:
