@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 import torch
+from _seed import run_seed_workflow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import actsparse.serialize as serialize
 from actsparse.hooks import STATE_FORMAT_VERSION, ActivationSparsifier, cli
-from actsparse.hooks.workflow import run_seed_workflow
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
