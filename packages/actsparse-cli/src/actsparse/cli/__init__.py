@@ -238,7 +238,7 @@ def _tensors_info(value: Any, where: str, bad: Callable[[str], CommandFailed]) -
 def _describe_state(
     path: Path, state_dict: Any, file_format: str, serialize: Any
 ) -> dict[str, Any]:
-    from actsparse.hooks._sparsifier import STATE_FORMAT_VERSION
+    from actsparse.hooks import STATE_FORMAT_VERSION
 
     def bad(detail: str) -> CommandFailed:
         return CommandFailed(f"{path}: not a sparsifier state: {detail}")
@@ -439,7 +439,7 @@ def _configure_demo(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from actsparse.hooks import demo
+    from actsparse.cli import demo
 
     epochs = args.epochs if args.epochs is not None else (2 if args.quick else 10)
     levels = args.levels or (demo.QUICK_LEVELS if args.quick else demo.DEFAULT_LEVELS)
@@ -491,7 +491,13 @@ COMMANDS: tuple[Command, ...] = (
 
 def _versions() -> str:
     found = []
-    for name in ("actsparse-core", "actsparse-masks", "actsparse-hooks", "actsparse-serialize"):
+    for name in (
+        "actsparse-core",
+        "actsparse-masks",
+        "actsparse-hooks",
+        "actsparse-serialize",
+        "actsparse-cli",
+    ):
         try:
             found.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import actsparse.serialize as serialize
-from actsparse.hooks import STATE_FORMAT_VERSION, ActivationSparsifier, cli
+from actsparse import cli
+from actsparse.hooks import STATE_FORMAT_VERSION, ActivationSparsifier
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -431,20 +434,22 @@ def test_file_argument_is_required(capsys: pytest.CaptureFixture[str]) -> None:
 # ------------------------------------------------------------------ as a program
 
 
-def test_python_m_actsparse_hooks_is_the_actsparse_command(
+def test_python_m_actsparse_cli_is_the_actsparse_command(
     seed_file: tuple[Path, ActivationSparsifier], capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, _ = seed_file
     _, expected, _ = run(["inspect", str(path)], capsys)
+    script = shutil.which("actsparse", path=sysconfig.get_path("scripts"))
+    assert script is not None, "the actsparse console script is not installed"
     for argv in (
-        [sys.executable, "-m", "actsparse.hooks", "inspect", str(path)],
-        [sys.executable, "-m", "actsparse.hooks.cli", "inspect", str(path)],
+        [sys.executable, "-m", "actsparse.cli", "inspect", str(path)],
+        [script, "inspect", str(path)],
     ):
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
         assert done.stdout == expected
     bad = subprocess.run(
-        [sys.executable, "-m", "actsparse.hooks", "inspect", str(path.with_name("absent"))],
+        [sys.executable, "-m", "actsparse.cli", "inspect", str(path.with_name("absent"))],
         capture_output=True,
         text=True,
         check=False,
