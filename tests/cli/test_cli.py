@@ -17,6 +17,7 @@ import actsparse.core as core
 import actsparse.serialize as serialize
 from actsparse import cli
 from actsparse.cli import demo
+from actsparse.cli import plugin as builtin
 from actsparse.core import MaskStrategy, PluginError, Registry, hookimpl
 from actsparse.hooks import ActivationSparsifier
 
@@ -64,6 +65,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert f"actsparse-hooks {importlib.metadata.version('actsparse-hooks')}" in out
     assert "actsparse-core" in out
+    assert f"actsparse-cli {importlib.metadata.version('actsparse-cli')}" in out
 
 
 def test_a_command_is_one_table_entry(capsys: pytest.CaptureFixture[str]) -> None:
@@ -360,7 +362,7 @@ def _command_raising(exc: BaseException) -> cli.Command:
     ("exc", "code", "message"),
     [
         (core.StateError("step() before any forward pass"), 1, "actsparse boom: error: step()"),
-        (cli.CommandFailed("cannot go on"), 1, "actsparse boom: error: cannot go on"),
+        (cli.CommandError("cannot go on"), 1, "actsparse boom: error: cannot go on"),
         (KeyboardInterrupt(), 130, "actsparse boom: interrupted"),
     ],
 )
@@ -371,7 +373,7 @@ def test_failures_are_messages_with_an_exit_status(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cli, "COMMANDS", (_command_raising(exc),))
+    monkeypatch.setattr(builtin, "COMMANDS", (_command_raising(exc),))
     got, _, err = run(["boom"], capsys)
     assert got == code
     assert err.startswith(message)
@@ -379,7 +381,7 @@ def test_failures_are_messages_with_an_exit_status(
 
 
 def test_an_unexpected_bug_still_shows_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "COMMANDS", (_command_raising(ZeroDivisionError("bug")),))
+    monkeypatch.setattr(builtin, "COMMANDS", (_command_raising(ZeroDivisionError("bug")),))
     with pytest.raises(ZeroDivisionError):
         cli.main(["boom"])
 
