@@ -8,19 +8,21 @@ session ever resolves a CUDA build.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nox
+import tomllib
 
 ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 PACKAGES = {
     name: str(ROOT / "packages" / f"actsparse-{name}")
-    for name in ("core", "masks", "hooks", "serialize")
+    for name in ("core", "masks", "hooks", "serialize", "cli")
 }
 FIXTURE_PLUGIN = str(ROOT / "tests" / "fixtures" / "actsparse-fixture-plugin")
 EXAMPLE_PLUGIN = ROOT / "examples" / "actsparse-example-plugin"
-# scikit-learn, matplotlib and tqdm: the actsparse-hooks[demo] extra, for the CLI demo test;
+# scikit-learn, matplotlib and tqdm: the actsparse-cli[demo] extra, for the CLI demo test;
 # safetensors: the tests prove that actsparse's own reader and writer agree with it.
 TEST_DEPS = (
     "pytest>=8",
@@ -62,7 +64,7 @@ def install_workspace(session: nox.Session, *, editable: bool = False) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite against all four packages and the fixture plugin."""
+    """Run the test suite against every package and the fixture plugin."""
     install_workspace(session, editable=True)
     install(session, FIXTURE_PLUGIN, *TEST_DEPS)
     session.run(
@@ -129,10 +131,6 @@ t = ActivationSparsifier(fresh)
 t.load_state_dict(sd)
 x = torch.randn(3, 4)
 assert torch.equal(model(x), fresh(x))
-from actsparse.hooks.cli import main
-assert main(['plugins']) == 0
-assert main(['demo', '--quick', '--out', 'never-written']) == 1  # the [demo] extra is absent
-assert main(['inspect', 'absent.safetensors']) == 1  # needs actsparse-serialize
 print('hooks with core: ok')
 """,
     "serialize": """
@@ -149,22 +147,70 @@ with tempfile.TemporaryDirectory() as tmp:
         assert torch.equal(back['state']['a']['mask'], sd['state']['a']['mask']), name
 print('serialize with core: ok')
 """,
+    "cli": """
+import contextlib, io, os
+from actsparse.cli import main
+
+def run(*argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, err.getvalue()
+
+# the built-in commands come from actsparse-cli's own entry point
+assert run('plugins') == (0, ''), run('plugins')
+code, err = run('demo', '--quick', '--out', 'never-written')  # the [demo] extra is absent
+assert code == 1 and 'pip install "actsparse-cli[demo]"' in err, err
+assert not os.path.exists('never-written')
+code, err = run('inspect', 'absent.safetensors')
+assert code == 1 and 'pip install actsparse-serialize' in err, err
+print('cli with core and hooks: ok')
+""",
 }
+
+
+def workspace_dependencies(package: str) -> list[str]:
+    """The workspace packages that ``actsparse-<package>`` depends on, directly or not.
+
+    Read from each pyproject's ``dependencies`` (extras left out), in install order.
+    """
+    found: list[str] = []
+
+    def visit(name: str) -> None:
+        pyproject = Path(PACKAGES[name]) / "pyproject.toml"
+        requirements = tomllib.loads(pyproject.read_text())["project"].get("dependencies", [])
+        for requirement in requirements:
+            match = re.match(r"actsparse-([a-z]+)\b", requirement)
+            if match and match.group(1) not in found:
+                visit(match.group(1))
+                found.append(match.group(1))
+
+    visit(package)
+    return found
 
 
 @nox.session(reuse_venv=False)
 @nox.parametrize("package", list(PACKAGES))
 def isolated(session: nox.Session, package: str) -> None:
-    """Install one distribution into a fresh venv with only core beside it; smoke test it."""
-    install(session, PACKAGES["core"], PACKAGES[package])
+    """Install one distribution into a fresh venv with only its actsparse dependencies.
+
+    Every distribution needs actsparse-core; actsparse-cli also needs actsparse-hooks.
+    Anything else of actsparse that comes along is an error. Then smoke test it.
+    """
+    needed = [*workspace_dependencies(package), package]
+    install(session, *(PACKAGES[name] for name in needed))
     installed = session.run("python", "-m", "pip", "list", "--format=freeze", silent=True)
     names = sorted(
         line.split("==")[0] for line in str(installed).splitlines() if line.startswith("actsparse")
     )
-    expected = sorted({"actsparse-core", f"actsparse-{package}"})
+    expected = sorted(f"actsparse-{name}" for name in needed)
     if names != expected:
         session.error(f"installing actsparse-{package} brought {names}, expected {expected}")
     session.run("python", "-c", ISOLATED_SMOKE[package])
+    if package == "cli":
+        # the console script and `python -m` run the same command
+        session.run("actsparse", "--version")
+        session.run("python", "-m", "actsparse.cli", "plugins", "--kind", "serializer")
 
 
 @nox.session
@@ -211,8 +257,9 @@ def demo(session: nox.Session) -> None:
         session,
         PACKAGES["core"],
         PACKAGES["masks"],
-        f"{PACKAGES['hooks']}[demo]",
+        PACKAGES["hooks"],
         PACKAGES["serialize"],
+        f"{PACKAGES['cli']}[demo]",
     )
     session.run(
         "actsparse",

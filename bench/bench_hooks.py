@@ -32,8 +32,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+# the seed CNN lives with the tests, which share it with the benches
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _seed import SeedCNN
+
 from actsparse.hooks import ActivationSparsifier
-from actsparse.hooks.workflow import SeedCNN
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -1,6 +1,6 @@
 """State-file size and speed on the seed CNN workflow, side by side in one run.
 
-The seed workflow (actsparse.hooks.workflow.run_seed_workflow) calibrates the
+The seed workflow (tests/_seed.py: run_seed_workflow) calibrates the
 seed CNN; torch.ao's own ActivationSparsifier is run on the same weights and
 batches with the same functions, and the script checks that both give the
 same masks. Then it measures, for those masks:
@@ -20,6 +20,7 @@ Run it with ``nox -s bench`` or ``python bench/bench_state_files.py``.
 from __future__ import annotations
 
 import io
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,9 +29,12 @@ from typing import Any
 import torch
 from _report import median_seconds, report
 
+# the seed CNN and its workflow live with the tests, which share them with the benches
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _seed import SeedCNN, run_seed_workflow
+
 import actsparse.serialize as serialize
 from actsparse.core import get_registry
-from actsparse.hooks.workflow import SeedCNN, run_seed_workflow
 from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
 
 with warnings.catch_warnings():

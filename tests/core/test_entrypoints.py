@@ -36,6 +36,7 @@ BREAK_ENV_VAR = "ACTSPARSE_FIXTURE_BREAK"
 EXPECTED = {
     "actsparse.masks": "actsparse-masks",
     "actsparse.serialize": "actsparse-serialize",
+    "actsparse.cli": "actsparse-cli",
     "fixture": FIXTURE_DIST,
     "fixture-broken": FIXTURE_DIST,
 }

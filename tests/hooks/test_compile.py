@@ -12,8 +12,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-
-from actsparse.hooks.workflow import SeedCNN, seed_sparsifier
+from _seed import SeedCNN, seed_sparsifier
 
 
 def add(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _seed import run_seed_workflow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from actsparse.core import ConfigError
 from actsparse.hooks import ActivationSparsifier, PrunedConv2d, PrunedLinear
-from actsparse.hooks.workflow import run_seed_workflow
 
 
 def per_feature_mean(t: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import actsparse.core as core
-from actsparse.hooks import cli
+from actsparse import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+from _seed import SeedCNN
 from _support import same_state
 
 import actsparse.serialize as serialize
 from actsparse.hooks import ActivationSparsifier
-from actsparse.hooks.workflow import SeedCNN
 
 FORMATS = ["safetensors", "torch"]
 

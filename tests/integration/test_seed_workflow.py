@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import torch
+from _seed import SeedCNN
 
 from actsparse.core import module_to_fqn
 from actsparse.hooks import ActivationSparsifier
-from actsparse.hooks.workflow import SeedCNN
 
 
 def add(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _seed import run_seed_workflow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import actsparse.serialize as serialize
 from actsparse.core import SerializationError
-from actsparse.hooks.workflow import run_seed_workflow
 from actsparse.serialize._safetensors import read_safetensors, write_safetensors
 
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -29,6 +29,7 @@ from actsparse.core._fqn import (
 )
 from actsparse.core._hookspecs import PROJECT_NAME, hookimpl, hookspec
 from actsparse.core._protocols import (
+    CommandRegistrar,
     DataGroup,
     Mask,
 )
@@ -47,6 +48,7 @@ from actsparse.core._records import (
 from actsparse.core._registry import (
     BLOCK_ENV_VAR,
     ENTRY_POINT_GROUP,
+    FIRST_PARTY_DISTRIBUTIONS,
     KINDS,
     Entry,
     PluginManager,
@@ -109,12 +111,14 @@ __all__ = [
     "mask_to_sparse",
     "parse_state_dict",
     "ENTRY_POINT_GROUP",
+    "FIRST_PARTY_DISTRIBUTIONS",
     "HOOK_STATES",
     "KINDS",
     "PROJECT_NAME",
     "ActsparseError",
     "AggregateStrategy",
     "BoundAggregate",
+    "CommandRegistrar",
     "ConfigError",
     "DataGroup",
     "DuplicateStrategyError",

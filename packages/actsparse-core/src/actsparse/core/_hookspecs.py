@@ -7,7 +7,9 @@ group at it::
     [project.entry-points.actsparse]
     my_masks = "my_package.actsparse_plugin"
 
-Hooks take no arguments today; arguments may be added, never renamed.
+The strategy and serializer hooks take no arguments and return records;
+``actsparse_cli_commands`` receives a registrar and adds to it. Arguments may
+be added to a hook, never renamed; an implementation may leave out any of them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 import pluggy
 
+from actsparse.core._protocols import CommandRegistrar
 from actsparse.core._records import (
     AggregateStrategy,
     KernelStrategy,
@@ -120,4 +123,41 @@ def actsparse_kernels() -> Sequence[KernelStrategy]:  # type: ignore[empty-body]
                     apply=lambda m, t: lambda x: F.linear(F.hardshrink(x, t), m.weight, m.bias),
                 )
             ]
+    """
+
+
+@hookspec
+def actsparse_cli_commands(commands: CommandRegistrar) -> None:
+    """Add subcommands to the ``actsparse`` command line (``pip install actsparse-cli``).
+
+    Call ``commands.add(name, help=..., run=..., configure=...)`` once per
+    subcommand (see :class:`~actsparse.core.CommandRegistrar`): ``configure``
+    adds the command's arguments to its :mod:`argparse` parser, ``run`` gets
+    the parsed arguments and returns the exit status. The built-in
+    ``plugins``, ``inspect`` and ``demo`` commands are added through this
+    hook too, by actsparse-cli's own entry point.
+
+    Two plugins that add the same name are an error that names both. A
+    third-party plugin that fails is reported in one line naming it, without
+    a traceback: when this hook or a command's ``configure`` raises, its
+    commands are left out and the others work; when ``run`` raises anything
+    but an :class:`~actsparse.core.ActsparseError`, that command fails with
+    exit status 1.
+
+    The plugin needs nothing of actsparse-cli to implement this hook: without
+    actsparse-cli installed it is simply never called.
+
+    Example::
+
+        def greet(args):
+            print(f"hello, {args.name}")
+
+        @hookimpl
+        def actsparse_cli_commands(commands):
+            commands.add(
+                "greet",
+                help="say hello",
+                configure=lambda parser: parser.add_argument("name"),
+                run=greet,
+            )
     """

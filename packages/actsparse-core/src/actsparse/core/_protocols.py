@@ -7,16 +7,22 @@ list holding one such tensor per feature, in the order of ``features``.
 A *data group* is the read-only mapping that describes one registered layer;
 its keys are ``actsparse.core.DATA_GROUP_KEYS``, plus ``hook`` while a hook is attached
 and ``data`` while aggregated data exists.
+
+A *command registrar* is what the ``actsparse_cli_commands`` hook receives to
+add subcommands to the ``actsparse`` command line.
 """
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, Iterator, KeysView
-from typing import Any, Protocol, TypeAlias, overload, runtime_checkable
+from collections.abc import Callable, ItemsView, Iterator, KeysView
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, overload, runtime_checkable
 
 import torch
 
-__all__ = ["DataGroup", "Mask"]
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = ["CommandRegistrar", "DataGroup", "Mask"]
 
 
 Mask: TypeAlias = "torch.Tensor | list[torch.Tensor]"
@@ -46,3 +52,36 @@ class DataGroup(Protocol):
     def keys(self) -> KeysView[str]: ...
 
     def items(self) -> ItemsView[str, Any]: ...
+
+
+class CommandRegistrar(Protocol):
+    """Adds subcommands to the ``actsparse`` command line (see ``actsparse_cli_commands``)."""
+
+    def add(
+        self,
+        name: str,
+        *,
+        help: str,
+        run: Callable[[argparse.Namespace], int | None],
+        configure: Callable[[argparse.ArgumentParser], object] | None = None,
+        description: str | None = None,
+    ) -> None:
+        """Add the subcommand ``actsparse NAME``.
+
+        Args:
+            name: What users type after ``actsparse``: letters, digits, ``-``,
+                ``_`` and ``.``, not starting with ``-``. A name that another
+                plugin added already is refused, naming both plugins.
+            help: One line for ``actsparse --help``.
+            run: Runs the command with the parsed arguments and returns its
+                exit status (``None`` means 0). An error of the
+                :class:`~actsparse.core.ActsparseError` family becomes a
+                one-line message and exit status 1.
+            configure: Adds the command's arguments to its
+                :class:`argparse.ArgumentParser` (``add_argument``, argument
+                groups, ``set_defaults``); called each time the command line
+                is built, so keep it cheap and import heavy packages in
+                ``run``.
+            description: The text of ``actsparse NAME --help``; default ``help``.
+        """
+        ...

@@ -51,7 +51,7 @@ __all__ = [
 ENTRY_POINT_GROUP = PROJECT_NAME
 BLOCK_ENV_VAR = "ACTSPARSE_BLOCK_PLUGINS"
 FIRST_PARTY_DISTRIBUTIONS = frozenset(
-    {"actsparse-core", "actsparse-masks", "actsparse-hooks", "actsparse-serialize"}
+    {"actsparse-core", "actsparse-masks", "actsparse-hooks", "actsparse-serialize", "actsparse-cli"}
 )
 
 

@@ -3,8 +3,8 @@
 :class:`ActivationSparsifier` is a drop-in replacement for
 ``torch.ao.pruning._experimental.activation_sparsifier.ActivationSparsifier``;
 :func:`calibrate` runs a model over calibration batches, with a progress bar
-and a step count or time budget. The ``actsparse`` command line lives in
-:mod:`actsparse.hooks.cli`.
+and a step count or time budget. This distribution holds the runtime only: the
+``actsparse`` command line and its demo come with ``actsparse-cli``.
 """
 
 from __future__ import annotations

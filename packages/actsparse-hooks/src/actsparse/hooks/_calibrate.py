@@ -85,7 +85,7 @@ def _progress_class(progress: object) -> Any:
     except ImportError:
         if progress is True:
             raise ConfigError(
-                "progress=True needs tqdm: pip install tqdm (or actsparse-hooks[demo])"
+                "progress=True needs tqdm: pip install tqdm (or actsparse-hooks[progress])"
             ) from None
         return None
     return tqdm

@@ -9,7 +9,7 @@ and the fraction of zeros that actually enters each layer. It prints the
 table, plots the curve, saves one sparsifier's state and checks that a fresh
 model reloaded from the files gives identical outputs.
 
-``pip install "actsparse-hooks[demo]"`` brings what it needs beyond this
+``pip install "actsparse-cli[demo]"`` brings what it needs beyond this
 package: scikit-learn, matplotlib, tqdm, ``actsparse-masks`` (the strategies)
 and ``actsparse-serialize`` (the state file, in its default safetensors format).
 """
@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actsparse.core import ActsparseError, ConfigError, get_registry
-from actsparse.hooks._calibrate import calibrate
-from actsparse.hooks._sparsifier import ActivationSparsifier
+from actsparse.hooks import ActivationSparsifier, calibrate
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -175,7 +174,7 @@ def _require_dependencies() -> None:
     if missing:
         raise DemoDependencyError(
             f"actsparse demo needs {', '.join(missing)}: "
-            'pip install "actsparse-hooks[demo]" (with -c constraints.txt in a clone)'
+            'pip install "actsparse-cli[demo]" (with -c constraints.txt in a clone)'
         )
     registry = get_registry()
     for kind, name in (("aggregate", "sum"), ("reduce", "mean"), ("mask", "magnitude")):

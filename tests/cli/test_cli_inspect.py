@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _seed import run_seed_workflow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import actsparse.serialize as serialize
 import actsparse.serialize._formats as formats
+from actsparse import cli
 from actsparse.core import SerializationError
-from actsparse.hooks import STATE_FORMAT_VERSION, ActivationSparsifier, cli
-from actsparse.hooks.workflow import run_seed_workflow
+from actsparse.hooks import STATE_FORMAT_VERSION, ActivationSparsifier
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -383,11 +386,20 @@ def test_unknown_state_format_version(tmp_path: Path, capsys: pytest.CaptureFixt
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda sd: sd.update(data_groups=[1, 2]), "'data_groups' is of type list, not a dict"),
-        (lambda sd: sd.pop("defaults"), "'defaults' is of type NoneType, not a dict"),
-        (lambda sd: sd["data_groups"].update({"2": "x"}), "data_groups['2'] is of type str"),
-        (lambda sd: sd["state"].update({"2": 7}), "state['2'] is of type int"),
-        (lambda sd: sd["state"].update({"2": {"mask": "m"}}), "state['2']['mask'] is of type str"),
+        (
+            lambda sd: sd.update(data_groups=[1, 2]),
+            "state_dict['data_groups'] must be a mapping, got list",
+        ),
+        (lambda sd: sd.pop("defaults"), "the state dict lacks the key(s) 'defaults'"),
+        (
+            lambda sd: sd["data_groups"].update({"2": "x"}),
+            "data_groups['2'] must be a mapping, got str",
+        ),
+        (lambda sd: sd["state"].update({"2": 7}), "state['2'] must be a mapping, got int"),
+        (
+            lambda sd: sd["state"].update({"2": {"mask": "m"}}),
+            "state['2']['mask'] must be None, a tensor or a list of tensors, got str",
+        ),
         (
             lambda sd: sd["data_groups"]["2"].update(data=[torch.ones(1), 3]),
             "data_groups['2']['data'][1] is of type int",
@@ -418,7 +430,9 @@ def test_a_state_that_is_not_a_dict(
     path, _ = seed_file
     monkeypatch.setattr(serialize, "load", lambda *args, **kwargs: [1, 2])
     code, out, err = run(["inspect", str(path)], capsys)
-    assert_one_line_error(code, out, err, str(path), "the file holds a list")
+    assert_one_line_error(
+        code, out, err, str(path), "a sparsifier state dict must be a mapping, got list"
+    )
 
 
 def test_without_actsparse_serialize(
@@ -441,23 +455,47 @@ def test_file_argument_is_required(capsys: pytest.CaptureFixture[str]) -> None:
 # ------------------------------------------------------------------ as a program
 
 
-def test_python_m_actsparse_hooks_is_the_actsparse_command(
+def test_python_m_actsparse_cli_is_the_actsparse_command(
     seed_file: tuple[Path, ActivationSparsifier], capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, _ = seed_file
     _, expected, _ = run(["inspect", str(path)], capsys)
+    script = shutil.which("actsparse", path=sysconfig.get_path("scripts"))
+    assert script is not None, "the actsparse console script is not installed"
     for argv in (
-        [sys.executable, "-m", "actsparse.hooks", "inspect", str(path)],
-        [sys.executable, "-m", "actsparse.hooks.cli", "inspect", str(path)],
+        [sys.executable, "-m", "actsparse.cli", "inspect", str(path)],
+        [script, "inspect", str(path)],
     ):
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
         assert done.stdout == expected
     bad = subprocess.run(
-        [sys.executable, "-m", "actsparse.hooks", "inspect", str(path.with_name("absent"))],
+        [sys.executable, "-m", "actsparse.cli", "inspect", str(path.with_name("absent"))],
         capture_output=True,
         text=True,
         check=False,
     )
     assert bad.returncode == 1
     assert bad.stderr.startswith("actsparse inspect: error: cannot read")
+
+
+def test_threshold_layers_show_their_threshold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = small_model()
+    sparsifier = ActivationSparsifier(model, "abs_histogram", "identity", "target_threshold")
+    sparsifier.register_layer(model[0], sparsity_level=0.4)
+    with torch.no_grad():
+        model(torch.randn(64, 6))
+    sparsifier.step()
+    path = serialize.save(sparsifier, tmp_path / "threshold.safetensors")
+    report = inspect_json(path, capsys)
+    (layer,) = report["layers"]
+    assert layer["mask"] is None
+    assert layer["threshold"] == sparsifier.thresholds["0"].to_dict()
+    code, out, _ = run(["inspect", str(path)], capsys)
+    assert code == 0
+    expected = sparsifier.thresholds["0"]
+    assert f"threshold:     {expected.threshold:.6g} (target 0.4, expected sparsity" in out
+    assert "unreachable" not in out
+    assert "mask:" not in out.split("features:", 1)[1]

@@ -2,8 +2,12 @@
 
 :func:`seed_sparsifier` registers the seed's layers on :class:`SeedCNN`;
 :func:`run_seed_workflow` does that, calibrates them on random data, steps
-and squashes. The tests and the benchmarks build on both. It needs the built-in strategies
-(``pip install actsparse-masks``).
+and squashes. The tests and the benchmarks build on both; no actsparse
+distribution ships them. It needs the built-in strategies (``pip install
+actsparse-masks``).
+
+``tests/`` is on pytest's ``sys.path`` (``from _seed import SeedCNN``); the
+scripts in ``bench/`` put it there themselves.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.hooks._sparsifier import ActivationSparsifier
+from actsparse.hooks import ActivationSparsifier
 
 __all__ = ["SeedCNN", "mask_sparsity", "run_seed_workflow", "seed_sparsifier"]
 

@@ -15,8 +15,11 @@ import torch
 
 import actsparse.core as core
 import actsparse.serialize as serialize
+from actsparse import cli
+from actsparse.cli import demo
+from actsparse.cli import plugin as builtin
 from actsparse.core import MaskStrategy, PluginError, Registry, hookimpl
-from actsparse.hooks import ActivationSparsifier, cli, demo
+from actsparse.hooks import ActivationSparsifier
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -34,7 +37,7 @@ def assert_no_traceback(err: str) -> None:
 
 def test_console_script_entry_point() -> None:
     scripts = importlib.metadata.entry_points(group="console_scripts", name="actsparse")
-    assert [ep.value for ep in scripts] == ["actsparse.hooks.cli:main"]
+    assert [ep.value for ep in scripts] == ["actsparse.cli:main"]
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -62,6 +65,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert f"actsparse-hooks {importlib.metadata.version('actsparse-hooks')}" in out
     assert "actsparse-core" in out
+    assert f"actsparse-cli {importlib.metadata.version('actsparse-cli')}" in out
 
 
 def test_a_command_is_one_table_entry(capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,7 +85,7 @@ def test_a_command_is_one_table_entry(capsys: pytest.CaptureFixture[str]) -> Non
 def test_real_process_exit_codes(tmp_path: Path) -> None:
     """The module runs as a program: bad arguments exit 2 with a usage line, no traceback."""
     bad = subprocess.run(
-        [sys.executable, "-m", "actsparse.hooks.cli", "demo", "--epochs", "zero"],
+        [sys.executable, "-m", "actsparse.cli", "demo", "--epochs", "zero"],
         capture_output=True,
         text=True,
         check=False,
@@ -231,7 +235,7 @@ def test_demo_without_its_extra(
     monkeypatch.setitem(sys.modules, module, None)
     code, _out, err = run(["demo", "--quick", "--out", str(tmp_path / "out")], capsys)
     assert code == 1
-    assert 'pip install "actsparse-hooks[demo]"' in err
+    assert 'pip install "actsparse-cli[demo]"' in err
     assert {"sklearn": "scikit-learn"}.get(module, module) in err
     assert_no_traceback(err)
     assert not (tmp_path / "out").exists()
@@ -259,8 +263,8 @@ def test_demo_without_actsparse_serialize(
 
 
 def test_demo_extra_brings_what_the_demo_imports() -> None:
-    """``actsparse-hooks[demo]`` pulls the siblings the demo needs; the base install does not."""
-    requires = importlib.metadata.requires("actsparse-hooks") or []
+    """``actsparse-cli[demo]`` pulls the siblings the demo needs; the base install does not."""
+    requires = importlib.metadata.requires("actsparse-cli") or []
 
     def name(requirement: str) -> str:
         found = re.match(r"[A-Za-z0-9._-]+", requirement)
@@ -336,7 +340,7 @@ def test_heavy_packages_load_only_when_a_command_needs_them() -> None:
     # (tqdm is left out: torch itself imports it when it is installed)
     code = (
         "import sys\n"
-        "from actsparse.hooks import cli, demo\n"
+        "from actsparse.cli import demo\nimport actsparse.cli as cli\n"
         "assert cli.main(['plugins', '--kind', 'mask']) == 0\n"
         "heavy = sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
@@ -358,7 +362,7 @@ def _command_raising(exc: BaseException) -> cli.Command:
     ("exc", "code", "message"),
     [
         (core.StateError("step() before any forward pass"), 1, "actsparse boom: error: step()"),
-        (cli.CommandFailed("cannot go on"), 1, "actsparse boom: error: cannot go on"),
+        (cli.CommandError("cannot go on"), 1, "actsparse boom: error: cannot go on"),
         (KeyboardInterrupt(), 130, "actsparse boom: interrupted"),
     ],
 )
@@ -369,7 +373,7 @@ def test_failures_are_messages_with_an_exit_status(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cli, "COMMANDS", (_command_raising(exc),))
+    monkeypatch.setattr(builtin, "COMMANDS", (_command_raising(exc),))
     got, _, err = run(["boom"], capsys)
     assert got == code
     assert err.startswith(message)
@@ -377,7 +381,7 @@ def test_failures_are_messages_with_an_exit_status(
 
 
 def test_an_unexpected_bug_still_shows_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "COMMANDS", (_command_raising(ZeroDivisionError("bug")),))
+    monkeypatch.setattr(builtin, "COMMANDS", (_command_raising(ZeroDivisionError("bug")),))
     with pytest.raises(ZeroDivisionError):
         cli.main(["boom"])
 

@@ -1,0 +1,5 @@
+"""``python -m actsparse.cli`` is the ``actsparse`` command."""
+
+from actsparse.cli import main
+
+raise SystemExit(main())
