@@ -41,8 +41,11 @@ from actsparse.hooks._kernels import (
     DISABLE_ENV_VAR,
     _build,
     cpu_kernel_status,
+    is_input_major,
     sparse_linear,
     sparse_linear_reference,
+    to_input_major,
+    to_output_major,
 )
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -296,6 +299,81 @@ def test_gradients_match_the_reference() -> None:
         grads.append([leaf.grad for leaf in leaves])
     for ours, theirs in zip(*grads, strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+# ------------------------------------------------------------------ input-major weights
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_to_input_major_stores_the_weight_once_in_the_kernels_layout(
+    dtype: torch.dtype, requires_grad: bool
+) -> None:
+    torch.manual_seed(13)
+    linear = nn.Linear(12, 5).to(dtype)
+    linear.weight.requires_grad_(requires_grad)
+    param = linear.weight
+    before = param.detach().clone()
+    x = torch.randn(3, 12).to(dtype)
+    dense_before = linear(x).detach()
+    state_before = {k: v.clone() for k, v in linear.state_dict().items()}
+
+    weight_t = to_input_major(linear)
+
+    assert linear.weight is param  # optimizers and tied weights keep their reference
+    assert isinstance(linear.weight, nn.Parameter)
+    assert linear.weight.requires_grad is requires_grad
+    assert linear.weight.shape == (5, 12)
+    assert torch.equal(linear.weight, before)
+    assert is_input_major(linear)
+    assert weight_t.shape == (12, 5)
+    assert weight_t.is_contiguous()
+    assert weight_t.data_ptr() == linear.weight.data_ptr()
+    # one storage, exactly the size of the weight: no second copy anywhere
+    assert linear.weight.untyped_storage().nbytes() == 12 * 5 * before.element_size()
+    torch.testing.assert_close(linear(x).detach(), dense_before)
+    state = linear.state_dict()
+    assert state.keys() == state_before.keys()
+    for key, value in state_before.items():
+        assert torch.equal(state[key], value)
+    with torch.no_grad():
+        y = sparse_linear(x, weight_t, linear.bias, 0.3)
+    assert_matches(y, x, weight_t, linear.bias.detach(), 0.3)
+    # idempotent: no new storage
+    assert to_input_major(linear).data_ptr() == weight_t.data_ptr()
+
+
+def test_input_major_weights_train_load_and_convert_back() -> None:
+    torch.manual_seed(17)
+    linear = nn.Linear(6, 4)
+    reference = nn.Linear(6, 4)
+    reference.load_state_dict(linear.state_dict())
+    to_input_major(linear)
+    x = torch.randn(8, 6)
+    for model in (linear, reference):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(x).square().sum().backward()
+        optimizer.step()
+    torch.testing.assert_close(linear.weight, reference.weight)
+    assert is_input_major(linear)
+    # loading writes through the transposed view into the one storage
+    fresh = nn.Linear(6, 4)
+    linear.load_state_dict(fresh.state_dict())
+    assert torch.equal(linear.weight, fresh.weight)
+    assert is_input_major(linear)
+    # gradients reach the parameter through the op too
+    linear.zero_grad()
+    sparse_linear(x, linear.weight.T, linear.bias, 0.2).sum().backward()
+    assert linear.weight.grad is not None
+    assert linear.weight.grad.shape == (4, 6)
+
+    back = to_output_major(linear)
+    assert back.is_contiguous()
+    assert back.shape == (4, 6)
+    assert linear.weight.is_contiguous()
+    assert not is_input_major(linear)
+    assert torch.equal(linear.weight, fresh.weight)
+    assert linear.weight.untyped_storage().nbytes() == 4 * 6 * 4
 
 
 # ------------------------------------------------------------------ torch.compile

@@ -5,9 +5,8 @@ dense layer runs. :func:`sparse_linear` (the torch custom op
 ``actsparse::sparse_linear``) computes the same thing while skipping the
 weight rows of zeroed inputs: at one token, where a linear layer is bound by
 memory bandwidth, that is where the speed is. It needs the weight stored
-input-major, ``(in_features, out_features)``, and a C++ kernel that is
-compiled on first use (:func:`cpu_kernel_status` says whether that worked,
-and why not).
+input-major (:func:`to_input_major`) and a C++ kernel that is compiled on
+first use (:func:`cpu_kernel_status` says whether that worked, and why not).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from actsparse.hooks._kernels._build import (
     cpu_kernel_status,
     require_cpu_kernel,
 )
+from actsparse.hooks._kernels._layout import is_input_major, to_input_major, to_output_major
 from actsparse.hooks._kernels._ops import (
     KERNEL_DTYPES,
     OP_NAME,
@@ -35,7 +35,10 @@ __all__ = [
     "KernelStatus",
     "KernelUnavailableError",
     "cpu_kernel_status",
+    "is_input_major",
     "require_cpu_kernel",
     "sparse_linear",
     "sparse_linear_reference",
+    "to_input_major",
+    "to_output_major",
 ]
