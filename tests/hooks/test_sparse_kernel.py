@@ -25,6 +25,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,11 @@ from actsparse.core import ConfigError
 from actsparse.hooks._kernels import (
     DISABLE_ENV_VAR,
     _build,
+    _crossover,
+    clear_crossover_cache,
     cpu_kernel_status,
     is_input_major,
+    measure_crossover,
     sparse_linear,
     sparse_linear_reference,
     to_input_major,
@@ -374,6 +379,100 @@ def test_input_major_weights_train_load_and_convert_back() -> None:
     assert not is_input_major(linear)
     assert torch.equal(linear.weight, fresh.weight)
     assert linear.weight.untyped_storage().nbytes() == 4 * 6 * 4
+
+
+# ------------------------------------------------------------------ crossover
+
+
+@pytest.fixture
+def fresh_crossovers() -> Iterator[None]:
+    clear_crossover_cache()
+    yield
+    clear_crossover_cache()
+
+
+def test_crossover_is_the_last_token_count_the_sparse_op_wins(
+    fresh_crossovers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def wins_up_to(limit: int) -> Callable[[torch.Tensor, torch.Tensor, float], bool]:
+        def faster(x: torch.Tensor, weight_t: torch.Tensor, threshold: float) -> bool:
+            seen.append((x.shape[0], torch.get_num_threads()))
+            assert weight_t.shape == (16, 8)
+            assert threshold == 0.5
+            return x.shape[0] <= limit
+
+        return faster
+
+    monkeypatch.setattr(_crossover, "_sparse_faster", wins_up_to(4))
+    saved = torch.get_num_threads()
+    assert measure_crossover(16, 8, torch.float32, 0.5, threads=1) == 4
+    assert seen == [(1, 1), (2, 1), (4, 1), (8, 1)]  # stops at the first loss
+    assert torch.get_num_threads() == saved
+    monkeypatch.setattr(_crossover, "_sparse_faster", wins_up_to(0))
+    assert measure_crossover(16, 8, torch.float32, 0.5, threads=2) == 0
+    monkeypatch.setattr(_crossover, "_sparse_faster", wins_up_to(1000))
+    assert measure_crossover(16, 8, torch.bfloat16, 0.5, max_tokens=48) == 32
+
+
+def test_crossovers_are_cached_per_configuration(
+    fresh_crossovers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def faster(x: torch.Tensor, weight_t: torch.Tensor, threshold: float) -> bool:
+        calls.append(x.shape[0])
+        return x.shape[0] <= 2
+
+    monkeypatch.setattr(_crossover, "_sparse_faster", faster)
+    assert measure_crossover(16, 8, torch.float32, 0.5, threads=1) == 2
+    measured = len(calls)
+    # the same key: sparsity rounded to 0.01
+    assert measure_crossover(16, 8, torch.float32, 0.501, threads=1) == 2
+    assert len(calls) == measured
+    # another dtype, sparsity or thread count is measured anew
+    measure_crossover(16, 8, torch.bfloat16, 0.5, threads=1)
+    measure_crossover(16, 8, torch.float32, 0.6, threads=1)
+    measure_crossover(16, 8, torch.float32, 0.5, threads=2)
+    assert len(calls) == 4 * measured
+
+
+def test_no_kernel_or_another_dtype_never_crosses(
+    fresh_crossovers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never_called(x: torch.Tensor, weight_t: torch.Tensor, threshold: float) -> bool:
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(_crossover, "_sparse_faster", never_called)
+    assert measure_crossover(16, 8, torch.float16, 0.5) == 0
+    monkeypatch.setattr(
+        _crossover, "cpu_kernel_status", lambda: _build.KernelStatus(False, "no compiler")
+    )
+    assert measure_crossover(16, 8, torch.float32, 0.5) == 0
+
+
+def test_crossover_arguments_are_checked() -> None:
+    with pytest.raises(ConfigError, match="sparsity"):
+        measure_crossover(16, 8, torch.float32, 1.5)
+    with pytest.raises(ConfigError, match="features"):
+        measure_crossover(0, 8, torch.float32, 0.5)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        measure_crossover(16, 8, torch.float32, 0.5, max_tokens=0)
+    with pytest.raises(ConfigError, match="threads"):
+        measure_crossover(16, 8, torch.float32, 0.5, threads=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_real_measurement_is_a_power_of_two_and_cheap(
+    fresh_crossovers: None, dtype: torch.dtype
+) -> None:
+    saved = torch.get_num_threads()
+    start = time.perf_counter()
+    tokens = measure_crossover(512, 512, dtype, 0.9, threads=1, max_tokens=16)
+    assert time.perf_counter() - start < 5.0
+    assert tokens in (0, 1, 2, 4, 8, 16)
+    assert torch.get_num_threads() == saved
 
 
 # ------------------------------------------------------------------ torch.compile
