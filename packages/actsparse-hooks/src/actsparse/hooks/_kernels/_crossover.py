@@ -24,10 +24,8 @@ from actsparse.hooks._kernels._ops import KERNEL_DTYPES, sparse_linear, sparse_l
 
 __all__ = ["clear_crossover_cache", "measure_crossover"]
 
-#: interleaved repetitions per token count when the first is not clear; the median decides
+#: interleaved repetitions per token count; the median of their ratios decides
 REPEATS = 3
-#: a first ratio beyond this (either way) decides at once
-CLEAR_MARGIN = 1.5
 #: a timed sample runs the call in a loop until it lasts at least this long
 MIN_SAMPLE_SECONDS = 2e-4
 
@@ -52,9 +50,11 @@ def measure_crossover(
     given ``sparsity`` (the fraction of entries zeroed), at 1, 2, 4, 8, ...
     tokens up to ``max_tokens``, and returns the last count at which the
     sparse op won before it first lost: 0 if it never won. Each count's
-    verdict is the median of a few interleaved repetitions. The weights are
-    allocated once per call; for a 4096 x 11008 float32 layer the whole
-    measurement takes a few hundred milliseconds, for small layers a few.
+    verdict is the median of three interleaved pairs of samples, after one
+    warm-up call of each: eight calls per count, so the cost is about eight
+    times the layer's time per count tried. That is a few milliseconds for
+    small layers and one to a few seconds for a 4096 x 11008 float32 layer
+    (which also allocates its weights once per measurement).
 
     ``threads`` sets :func:`torch.set_num_threads` during the measurement
     (restored afterwards); ``None`` measures at the current setting. Results
@@ -126,9 +126,9 @@ def _measure(
 def _sparse_faster(x: Tensor, weight_t: Tensor, threshold: float) -> bool:
     """Whether the sparse op beats the dense reference on ``x``.
 
-    One warm-up call of each, then interleaved pairs of timed samples: one
-    pair when it is clear (a ratio beyond ``CLEAR_MARGIN`` either way), else
-    ``REPEATS`` pairs and their median ratio.
+    One warm-up call of each, then ``REPEATS`` interleaved pairs of timed
+    samples; the median of the pairs' ratios decides, so one sample slowed by
+    another process does not.
     """
 
     def sparse() -> object:
@@ -138,17 +138,14 @@ def _sparse_faster(x: Tensor, weight_t: Tensor, threshold: float) -> bool:
         return sparse_linear_reference(x, weight_t, None, threshold)
 
     inner = max(1, round(MIN_SAMPLE_SECONDS / max(_seconds(sparse, 1), _seconds(dense, 1))))
-
-    def ratio(rep: int) -> float:
+    ratios = []
+    for rep in range(REPEATS):
         if rep % 2:
             dense_s = _seconds(dense, inner)
-            return dense_s / _seconds(sparse, inner)
-        sparse_s = _seconds(sparse, inner)
-        return _seconds(dense, inner) / sparse_s
-
-    ratios = [ratio(0)]
-    if 1 / CLEAR_MARGIN < ratios[0] < CLEAR_MARGIN:
-        ratios.extend(ratio(rep) for rep in range(1, REPEATS))
+            ratios.append(dense_s / _seconds(sparse, inner))
+        else:
+            sparse_s = _seconds(sparse, inner)
+            ratios.append(_seconds(dense, inner) / sparse_s)
     return statistics.median(ratios) > 1.0
 
 
