@@ -507,6 +507,21 @@ def test_compiles_in_one_graph_and_matches_eager() -> None:
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
+def test_inductor_calls_the_op_and_matches_eager() -> None:
+    """The default backend; it generates its own code for relu and tanh, hence assert_close."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(12)
+    model = ThresholdLinear(
+        torch.randn(24, 16, generator=generator), torch.randn(16, generator=generator), 0.2
+    )
+    run = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for x in (torch.randn(2, 5, 24, generator=generator), torch.randn(3, 24)):
+            torch.testing.assert_close(run(x), model(x))
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------ without a kernel
 
 
