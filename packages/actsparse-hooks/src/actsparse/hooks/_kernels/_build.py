@@ -127,8 +127,9 @@ def require_cpu_kernel() -> None:
 
 
 def _attempt() -> KernelStatus:
-    if os.environ.get(DISABLE_ENV_VAR, "").strip() not in ("", "0"):
-        return KernelStatus(False, f"the build is disabled by {DISABLE_ENV_VAR}=1")
+    disabled = os.environ.get(DISABLE_ENV_VAR, "").strip()
+    if disabled not in ("", "0"):
+        return KernelStatus(False, f"the build is disabled by {DISABLE_ENV_VAR}={disabled}")
     compiler = find_compiler()
     if compiler is None:
         cxx = os.environ.get("CXX", "c++")

@@ -52,9 +52,10 @@ constexpr int64_t kMinParallelWork = 1 << 16;
 // Streaming: weight rows added per pass over the accumulator.
 constexpr int kGroup = 8;
 
-// Register tiles: kTileVectors vectors of 16 floats. Enough independent
+// Register tiles: kTileVectors vectors of 16 floats, enough independent
 // accumulators to cover the latency of the fused multiply-add: 8 with the 32
-// vector registers of AVX-512, 4 otherwise (8 AVX2 registers of 8 floats).
+// vector registers of AVX-512, 4 otherwise (with AVX2 each is a pair of
+// 8-float registers: 8 of the 16 registers hold accumulators).
 using vfloat = float __attribute__((vector_size(64)));
 using vbf16 = uint16_t __attribute__((vector_size(32)));
 using vbits = uint32_t __attribute__((vector_size(64)));
@@ -65,15 +66,16 @@ constexpr int kTileVectors = 8;
 constexpr int kTileVectors = 4;
 #endif
 constexpr int64_t kTile = kTileVectors * kLanes;
-// Columns per block (one accumulator row per token) and bytes of weights per
-// slab (half of a typical L2).
+// Columns per block (one accumulator row per token), and bytes of weights
+// per slab: half of a 1 MiB L2.
 constexpr int64_t kTileBlock = 256;
+constexpr int64_t kSlabBytes = 512 * 1024;
 static_assert(kTileBlock % kTile == 0, "a block is whole tiles");
 // Parallel chunks of output columns start on multiples of this.
 constexpr int64_t kColumnUnit = kTile;
-constexpr int64_t kSlabBytes = 512 * 1024;
 
-// Register tiles from this many tokens on, streaming below (schedule 0).
+// Register tiles from this many tokens on, streaming below (schedule 0):
+// where tiles overtook streaming on Llama-7B MLP shapes in float32.
 constexpr int64_t kTileMinTokens = 8;
 
 inline float widen(float v) { return v; }
