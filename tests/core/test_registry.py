@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import types
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -625,3 +627,24 @@ def test_hook_results_are_collected_once_per_registry() -> None:
         registry.get("mask", "counted")
         registry.names("mask")
     assert calls == ["called"]
+
+
+# ------------------------------------------------------------------ typing
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is new in 3.11")
+@pytest.mark.parametrize("method", [Registry.get, Registry.resolve], ids=["get", "resolve"])
+def test_lookups_are_typed_per_kind(method: Callable[..., Any]) -> None:
+    """mypy sees the record type of each kind: Literal["mask"] -> MaskStrategy, ..."""
+    returns: dict[str, Any] = {}
+    fallback = []
+    for variant in typing.get_overloads(method):
+        hints = typing.get_type_hints(variant)
+        if typing.get_origin(hints["kind"]) is typing.Literal:
+            (kind,) = typing.get_args(hints["kind"])
+            returns[kind] = hints["return"]
+        else:
+            fallback.append(hints["return"])
+    assert returns == {key: info.record_type for key, info in KINDS.items()}
+    assert len(fallback) == 1
+    assert set(typing.get_args(fallback[0])) == {info.record_type for info in KINDS.values()}

@@ -9,7 +9,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, TypeAlias, overload
 
 import attrs
 import pluggy
@@ -37,8 +37,10 @@ __all__ = [
     "KINDS",
     "Entry",
     "Kind",
+    "KindName",
     "PluginManager",
     "PluginWarning",
+    "Record",
     "Registry",
     "get_plugin_manager",
     "get_registry",
@@ -56,6 +58,12 @@ FIRST_PARTY_DISTRIBUTIONS = frozenset(
 
 class PluginWarning(UserWarning):
     """A third-party plugin was skipped."""
+
+
+#: The name of a kind of record, as ``Registry.get`` and ``Registry.resolve`` take it.
+KindName: TypeAlias = Literal["aggregate", "reduce", "mask", "serializer"]
+#: Any record that a plugin hook returns.
+Record: TypeAlias = AggregateStrategy | ReduceStrategy | MaskStrategy | Serializer
 
 
 @attrs.frozen
@@ -337,9 +345,21 @@ class Registry:
                 f"(see the plugin guide in docs/plugins.md)"
             ) from None
 
-    def get(self, kind: str, name: str) -> Any:
+    @overload
+    def get(self, kind: Literal["aggregate"], name: str) -> AggregateStrategy: ...
+    @overload
+    def get(self, kind: Literal["reduce"], name: str) -> ReduceStrategy: ...
+    @overload
+    def get(self, kind: Literal["mask"], name: str) -> MaskStrategy: ...
+    @overload
+    def get(self, kind: Literal["serializer"], name: str) -> Serializer: ...
+    @overload
+    def get(self, kind: str, name: str) -> Record: ...
+
+    def get(self, kind: str, name: str) -> Record:
         """The record registered under ``name``."""
-        return self.entry(kind, name).record
+        record: Record = self.entry(kind, name).record
+        return record
 
     def name_of(self, kind: str, value: object) -> str | None:
         """The registered name of a record or of a registered record's ``fn``, else None."""
@@ -349,7 +369,26 @@ class Registry:
                 return name
         return None
 
-    def resolve(self, kind: str, value: object, *, key: str | None = None) -> Any:
+    @overload
+    def resolve(
+        self, kind: Literal["aggregate"], value: object, *, key: str | None = None
+    ) -> AggregateStrategy: ...
+    @overload
+    def resolve(
+        self, kind: Literal["reduce"], value: object, *, key: str | None = None
+    ) -> ReduceStrategy: ...
+    @overload
+    def resolve(
+        self, kind: Literal["mask"], value: object, *, key: str | None = None
+    ) -> MaskStrategy: ...
+    @overload
+    def resolve(
+        self, kind: Literal["serializer"], value: object, *, key: str | None = None
+    ) -> Serializer: ...
+    @overload
+    def resolve(self, kind: str, value: object, *, key: str | None = None) -> Record: ...
+
+    def resolve(self, kind: str, value: object, *, key: str | None = None) -> Record:
         """Turn a name, a record or a plain callable into a record of ``kind``.
 
         A callable that is a registered strategy's ``fn`` resolves to that
@@ -359,7 +398,8 @@ class Registry:
         if isinstance(value, str):
             return self.get(kind, value)
         if isinstance(value, info.record_type):
-            return value
+            record: Record = value  # type: ignore[assignment]
+            return record
         if not callable(value):
             raise ConfigError(
                 f"{key or kind} must be callable or the name of a registered "
@@ -371,7 +411,9 @@ class Registry:
         return wrap_callable(kind, value)
 
 
-def wrap_callable(kind: str, fn: Callable[..., Any]) -> Any:
+def wrap_callable(
+    kind: str, fn: Callable[..., Any]
+) -> AggregateStrategy | ReduceStrategy | MaskStrategy:
     """Wrap a plain callable in an unregistered record of ``kind``."""
     label = getattr(fn, "__qualname__", None) or type(fn).__name__
     name = f"<callable {label}>"
