@@ -220,6 +220,39 @@ def test_duplicate_message_names_the_earlier_plugin_first() -> None:
     assert message.index("'earlier'") < message.index("'later'")
 
 
+def _file_format(name: str, suffix: str) -> Serializer:
+    return Serializer(name=name, dumps=_ident, loads=_ident, binary=True, suffix=suffix)
+
+
+@pytest.mark.parametrize("other_suffix", [".safetensors", ".SafeTensors"])
+def test_a_suffix_claimed_twice_is_refused_naming_both(other_suffix: str) -> None:
+    own = plugin(serializer=lambda: [_file_format("safetensors", ".safetensors")])
+    rival = plugin(serializer=lambda: [_file_format("fast_tensors", other_suffix)])
+    with pytest.raises(DuplicateStrategyError) as info:
+        registry_of(("actsparse.serialize", own), ("rival", rival))
+    message = str(info.value)
+    assert f"file suffix {other_suffix!r} is claimed twice" in message
+    assert "serializer 'safetensors' of plugin 'actsparse.serialize'" in message
+    assert "serializer 'fast_tensors' of plugin 'rival'" in message
+
+
+def test_a_suffix_claim_against_the_installed_formats_is_refused() -> None:
+    rival = plugin(serializer=lambda: [_file_format("fast_tensors", ".safetensors")])
+    before = get_registry()
+    with pytest.raises(DuplicateStrategyError, match=r"'fast_tensors'.*'rival'"):
+        register_plugin(rival, name="rival")
+    assert get_registry() is before
+    assert get_plugin_manager().get_plugin("rival") is None
+
+
+def test_distinct_suffixes_and_empty_ones_coexist() -> None:
+    registry = registry_of(
+        ("p", plugin(serializer=lambda: [_file_format("a", ".a"), _file_format("b", ".b")])),
+        ("q", returning("serializer", "c", "d")),  # in-memory: no suffix
+    )
+    assert registry.names("serializer") == ["a", "b", "c", "d"]
+
+
 # ------------------------------------------------------------ bad results
 
 

@@ -300,7 +300,7 @@ class Registry:
         plugin: str,
         distribution: tuple[str, str] | None = None,
     ) -> None:
-        """Add one record; refuse a wrong type or a name that is already taken."""
+        """Add one record; refuse a wrong type, a taken name or a file suffix already claimed."""
         info = _kind(kind)
         if not isinstance(record, info.record_type):
             raise PluginError(
@@ -320,6 +320,15 @@ class Registry:
                 f"{info.label} {name!r} is registered twice: by {table[name].provider} "
                 f"and by {entry.provider}"
             )
+        if isinstance(record, Serializer) and record.suffix:
+            suffix = record.suffix.lower()
+            for other in table.values():
+                if other.record.suffix.lower() == suffix:
+                    raise DuplicateStrategyError(
+                        f"file suffix {record.suffix!r} is claimed twice: by serializer "
+                        f"{other.record.name!r} of {other.provider} and by serializer "
+                        f"{name!r} of {entry.provider}"
+                    )
         table[name] = entry
 
     def names(self, kind: str) -> list[str]:
