@@ -55,6 +55,11 @@ def _digest(entries: list[TensorEntry], state_json: str, data: memoryview) -> st
 def pack(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes:
     """A signed safetensors file holding ``doc`` (JSON-ready) and ``tensors``."""
     state_json = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return pack_text(state_json, tensors)
+
+
+def pack_text(state_json: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """A signed safetensors file whose state is the text ``state_json``, taken as it is."""
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
