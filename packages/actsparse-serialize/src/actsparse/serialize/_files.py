@@ -135,24 +135,79 @@ def save(obj: object, path: PathLike, *, format: str | None = None) -> Path:
     return target
 
 
-def _read(path: Path) -> bytearray:
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        buf = bytearray(size)
-        view = memoryview(buf)
-        filled = 0
-        while filled < size:
-            count = fh.readinto(view[filled:])
-            if not count:
-                break
-            filled += count
-    if filled != size:
-        raise SerializationError(f"{path}: the file shrank while it was read")
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+# O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOCTTY: a terminal
+# never becomes the controlling one. Both are no-ops for the regular files kept.
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_BINARY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+)
+
+
+def _check_regular(path: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    raise SerializationError(
+        f"{path}: is {kind}, not a regular file; state files are read from regular files only"
+    )
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """Open ``path`` for reading if it is a regular file; refuse anything else at once.
+
+    ``stat`` first, so that nothing else is even opened; ``fstat`` after the
+    (non-blocking) open, in case the path was swapped in between.
+    """
+    _check_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_into(fh: IO[bytes], view: memoryview) -> None:
+    filled = 0
+    while filled < len(view):
+        count = fh.readinto(view[filled:])  # type: ignore[attr-defined]
+        if not count:
+            raise SerializationError("the file shrank while it was read")
+        filled += count
+
+
+def _read_exact(fh: IO[bytes], count: int) -> bytearray:
+    buf = bytearray(count)
+    _read_into(fh, memoryview(buf))
     return buf
 
 
-def _sniff(buf: bytearray) -> str:
-    return "torch" if buf[:4] == _ZIP_MAGIC else DEFAULT_FORMAT
+def _peek(fh: IO[bytes], count: int) -> bytes:
+    data = fh.read(count)
+    fh.seek(0)
+    return data
+
+
+def _read(fh: IO[bytes], size: int, where: Path) -> bytearray:
+    try:
+        return _read_exact(fh, size)
+    except SerializationError as exc:
+        raise SerializationError(f"{where}: {exc}") from None
+
+
+def _sniff(head: bytes | bytearray) -> str:
+    return "torch" if head[:4] == _ZIP_MAGIC else DEFAULT_FORMAT
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -170,20 +225,24 @@ def load(
     """Read a state file into a state dict that ``load_state_dict`` accepts.
 
     Args:
-        path: The file.
+        path: The file; it must be a regular file (a FIFO, a device or a
+            directory is refused at once).
         format: The format to read; ``None`` tells them apart by content.
         map_location: The device for every tensor (masks and aggregated data);
             ``None`` keeps them on the CPU.
 
     Raises:
         SerializationError: The file is truncated, corrupted, of an unknown
-            format version, or not a state file; the message names the file.
+            format version, not a state file or not a regular file; the
+            message names the file.
         OSError: The file cannot be opened.
     """
     source = Path(path)
-    buf = _read(source)
-    name = _sniff(buf) if format is None else format
-    serializer = _serializer(name, source)
+    with _open_regular(source) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        name = _sniff(_peek(fh, 4)) if format is None else format
+        serializer = _serializer(name, source)
+        buf = _read(fh, size, source)
     try:
         state_dict: dict[str, Any] = serializer.loads(buf)
     except SerializationError as exc:
