@@ -11,12 +11,15 @@ instead of killing pytest or the machine.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +28,21 @@ import torch
 from _support import same_state
 
 import actsparse.serialize as serialize
-from actsparse.core import SerializationError
+from actsparse.core import ConfigError, SerializationError
 from actsparse.hooks import ActivationSparsifier
 from actsparse.serialize._formats import (
+    TORCH_FORMAT_NAME,
+    pack,
     pack_text,
+    safetensors_dumps,
+    torch_dumps,
     unpack,
 )
+
+#: The address space a child may use after importing torch and actsparse.
+ADDRESS_SPACE = 1536 * 1024 * 1024
+#: How much a child's peak resident memory may grow while it refuses a file.
+RSS_GROWTH = 200 * 1024 * 1024
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="FIFOs, sockets and /dev/zero")
 
@@ -107,6 +119,359 @@ def stepped(model: torch.nn.Module) -> ActivationSparsifier:
         model(torch.randn(4, 6))
     sparsifier.step()
     return sparsifier
+
+
+def signed_with_mask(record: dict[str, Any]) -> bytes:
+    """A real state file whose layer '0' holds the (tensor-less) mask ``record``, signed."""
+    doc, tensors = unpack(safetensors_dumps(stepped(small_model()).state_dict()))
+    old = doc["state"]["0"]["mask"]["$mask"]
+    tensors = {k: v for k, v in tensors.items() if k != old.get("tensor")}
+    doc["state"]["0"]["mask"] = {"$mask": record}
+    return pack(doc, tensors)
+
+
+def many_masks(records: list[tuple[dict[str, Any], torch.Tensor | None]]) -> bytes:
+    """A signed file of bare layers, one per mask record (stored tensors beside them)."""
+    state: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (record, stored) in enumerate(records):
+        mask = dict(record)
+        if stored is not None:
+            mask["tensor"] = f"state/l{i}/mask"
+            tensors[mask["tensor"]] = stored
+        state[f"l{i}"] = {"mask": {"$mask": mask}}
+    return pack({"state": state, "data_groups": {}, "defaults": {}}, tensors)
+
+
+def torch_file_with(state_dict: dict[str, Any], checksum: str = "sha256:" + "0" * 64) -> bytes:
+    payload = {
+        "format": TORCH_FORMAT_NAME,
+        "format_version": 1,
+        "state_dict": state_dict,
+        "checksum": checksum,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+# ------------------------------------------ 2: small files, large allocations
+
+
+def test_the_header_length_is_checked_before_the_file_is_read(tmp_path: Path) -> None:
+    """A 3 GiB file of holes behind an 8-byte length: refused from its first 8 bytes."""
+    path = tmp_path / "holes.safetensors"
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", 3 << 30))
+        fh.truncate((3 << 30) + 8)
+    result = child_results(
+        """
+        base = peak_rss()
+        limit_address_space(int(sys.argv[2]))
+        outcome = attempt(lambda: serialize.load(sys.argv[1]))
+        outcome["growth"] = peak_rss() - base
+        print(json.dumps(outcome))
+        """,
+        str(path),
+        str(ADDRESS_SPACE),
+    )
+    assert result["kind"] == "SerializationError", result
+    assert "16777216" in result["message"]
+    assert result["growth"] < RSS_GROWTH
+
+
+def test_tensors_declared_beyond_the_cap_are_refused_before_the_body_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header that covers a huge (sparse) body with one tensor: the body is never read."""
+    count = serialize.DEFAULT_MAX_ELEMENTS + 8
+    state = {"state": {}, "data_groups": {}, "defaults": {}, "big": {"$tensor": "big"}}
+    header = {
+        "__metadata__": {
+            "format": "actsparse",
+            "format_version": "1",
+            "state": json.dumps(state),
+            "checksum": "sha256:" + "0" * 64,  # never reached: the body is never read
+        },
+        "big": {"dtype": "U8", "shape": [count], "data_offsets": [0, count]},
+    }
+    text = json.dumps(header).encode()
+    path = tmp_path / "body.safetensors"
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)) + text)
+        fh.truncate(8 + len(text) + count)
+    reads: list[int] = []
+    real_read = serialize._files._read_into  # type: ignore[attr-defined]
+
+    def spy(fh: Any, view: memoryview) -> None:
+        reads.append(len(view))
+        real_read(fh, view)
+
+    monkeypatch.setattr(serialize._files, "_read_into", spy)
+    with pytest.raises(SerializationError, match=r"more than the \d+ allowed"):
+        serialize.load(path)
+    assert sum(reads) < 1 << 20, reads
+
+
+def _cap_exceeding_records() -> dict[str, bytes]:
+    """Files under 1 KiB whose masks declare far more elements than the cap."""
+    big = 2**31 - 1
+    each = 10**8
+    return {
+        "one-constant-2**31-1": many_masks(
+            [({"encoding": "constant", "value": 1, "dtype": "float32", "shape": [big]}, None)]
+        ),
+        "five-constants-1e8": many_masks(
+            [({"encoding": "constant", "value": 0, "dtype": "float64", "shape": [each]}, None)] * 5
+        ),
+        "coo-without-indices": many_masks(
+            [
+                (
+                    {"encoding": "coo", "fill": 1, "dtype": "float32", "shape": [big]},
+                    torch.zeros(0, dtype=torch.int64),
+                )
+            ]
+        ),
+        "rle-one-run": many_masks(
+            [
+                (
+                    {"encoding": "rle", "first": 1, "dtype": "float32", "shape": [each]},
+                    torch.tensor([each], dtype=torch.int32),
+                )
+            ]
+            * 3
+        ),
+        "bitpack-under-each-cap": many_masks(
+            [
+                (
+                    {"encoding": "bitpack", "dtype": "float32", "shape": [2**20, 64]},
+                    torch.zeros(2**23, dtype=torch.uint8),
+                )
+            ]
+            * 5
+        ),
+    }
+
+
+def test_mask_records_beyond_the_files_element_cap_are_refused_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    files = _cap_exceeding_records()
+    paths = []
+    for name, data in files.items():
+        if not name.startswith("bitpack"):
+            assert len(data) < 1024, (name, len(data))
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        paths.append(str(path))
+    control = serialize.save(stepped(small_model()), tmp_path / "control.safetensors")
+    results = child_results(
+        """
+        limit_address_space(int(sys.argv[1]))
+        out = {"control": attempt(lambda: serialize.load_into(
+            ActivationSparsifier(model()), sys.argv[2]))}
+        for path in sys.argv[3:]:
+            base = peak_rss()
+            outcome = attempt(lambda: serialize.load(path))
+            outcome["growth"] = peak_rss() - base
+            out[os.path.basename(path)] = outcome
+        print(json.dumps(out))
+        """,
+        str(ADDRESS_SPACE),
+        str(control),
+        *paths,
+    )
+    assert results.pop("control")["kind"] == "loaded"
+    for name, outcome in results.items():
+        assert outcome["kind"] == "SerializationError", (name, outcome)
+        assert "ACTSPARSE_MAX_ELEMENTS" in outcome["message"], (name, outcome)
+        assert outcome["growth"] < RSS_GROWTH, (name, outcome)
+        assert outcome["seconds"] < 5, (name, outcome)
+
+
+def test_load_into_a_constant_mask_of_2_31_elements(tmp_path: Path) -> None:
+    """696 bytes that once took 6.4 GB and 17 s in load_state_dict."""
+    record = {"encoding": "constant", "value": 1, "dtype": "float32", "shape": [2**31 - 1]}
+    path = tmp_path / "constant.safetensors"
+    path.write_bytes(signed_with_mask(record))
+    assert path.stat().st_size < 1024
+    result = child_results(
+        """
+        limit_address_space(int(sys.argv[2]))
+        base = peak_rss()
+        outcome = attempt(lambda: serialize.load_into(ActivationSparsifier(model()), sys.argv[1]))
+        outcome["growth"] = peak_rss() - base
+        print(json.dumps(outcome))
+        """,
+        str(path),
+        str(ADDRESS_SPACE),
+    )
+    assert result["kind"] == "SerializationError", result
+    assert "max_elements" in result["message"]
+    assert result["growth"] < RSS_GROWTH
+    assert result["seconds"] < 5
+
+
+def _element_count_file(tmp_path: Path) -> tuple[Path, int]:
+    """A file whose one mask has 6 elements (its stored bits are not counted again)."""
+    path = serialize.save(stepped(small_model()), tmp_path / "s.safetensors")
+    return path, 6
+
+
+def test_the_element_cap_is_a_keyword_of_load_and_load_into(tmp_path: Path) -> None:
+    path, count = _element_count_file(tmp_path)
+    torch_path = serialize.save(serialize.load(path), tmp_path / "s.pt")
+    for target in (path, torch_path):
+        assert serialize.load(target, max_elements=count)["state"]["0"]["mask"].numel() == count
+        with pytest.raises(SerializationError, match=rf"declares {count} elements, more than"):
+            serialize.load(target, max_elements=count - 1)
+        sparsifier = ActivationSparsifier(small_model())
+        with pytest.raises(SerializationError, match="max_elements"):
+            serialize.load_into(sparsifier, target, max_elements=count - 1)
+        assert dict(sparsifier.data_groups) == {}
+        serialize.load_into(sparsifier, target, max_elements=count)
+
+
+def test_the_element_cap_reads_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, count = _element_count_file(tmp_path)
+    monkeypatch.setenv(serialize.MAX_ELEMENTS_ENV_VAR, str(count - 1))
+    with pytest.raises(SerializationError, match=serialize.MAX_ELEMENTS_ENV_VAR):
+        serialize.load(path)
+    # the keyword wins over the environment
+    assert serialize.load(path, max_elements=count)["state"]["0"]["mask"].numel() == count
+    monkeypatch.setenv(serialize.MAX_ELEMENTS_ENV_VAR, " 1_000 ")
+    serialize.load(path)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10"])
+def test_a_bad_element_cap_is_a_config_error(tmp_path: Path, bad: Any) -> None:
+    path, _ = _element_count_file(tmp_path)
+    with pytest.raises(ConfigError, match="max_elements"):
+        serialize.load(path, max_elements=bad)
+
+
+@pytest.mark.parametrize("bad", ["", "lots", "0", "-5", "1e9"])
+def test_a_bad_element_cap_in_the_environment_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: str
+) -> None:
+    path, _ = _element_count_file(tmp_path)
+    monkeypatch.setenv(serialize.MAX_ELEMENTS_ENV_VAR, bad)
+    with pytest.raises(ConfigError, match=serialize.MAX_ELEMENTS_ENV_VAR):
+        serialize.load(path)
+
+
+def _deflated(data: bytes) -> bytes:
+    """``data`` (a zip) rewritten with every member deflated."""
+    out = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as src,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst,
+    ):
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    return out.getvalue()
+
+
+def _declare_size(data: bytes, member_suffix: str, size: int) -> bytes:
+    """Make a zip's local and central headers claim ``size`` uncompressed bytes for a member."""
+    buf = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(member_suffix))
+    struct.pack_into("<I", buf, info.header_offset + 22, size)
+    position = buf.find(b"PK\x01\x02")
+    while position != -1:
+        name_length, extra, comment = struct.unpack_from("<HHH", buf, position + 28)
+        if bytes(buf[position + 46 : position + 46 + name_length]) == info.filename.encode():
+            struct.pack_into("<I", buf, position + 24, size)
+            return bytes(buf)
+        position = buf.find(b"PK\x01\x02", position + 46 + name_length + extra + comment)
+    raise AssertionError(f"no central directory entry for {info.filename}")
+
+
+def _torch_state_with_a_big_mask(elements: int) -> bytes:
+    """A signed torch-format file whose mask holds ``elements`` float64 zeros."""
+    mask = torch.zeros(elements, dtype=torch.float64)
+    state = {"state": {"0": {"mask": mask}}, "data_groups": {}, "defaults": {}}
+    return torch_dumps(state)
+
+
+def test_a_deflated_torch_file_is_checked_against_its_declared_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _deflated(_torch_state_with_a_big_mask(2**22))  # 32 MiB of zeros
+    path = tmp_path / "bomb.pt"
+    path.write_bytes(data)
+    assert len(data) < 256 * 1024
+    # a valid, deflated file loads when the cap allows it
+    assert serialize.load(path, max_elements=2**22)["state"]["0"]["mask"].numel() == 2**22
+    calls: list[Any] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    with pytest.raises(SerializationError, match=r"uncompressed.*more than"):
+        serialize.load(path, max_elements=2**20)
+    assert calls == [], "torch.load ran before the declared sizes were checked"
+
+
+def test_a_zip_member_that_declares_gigabytes_is_refused_before_torch_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _torch_state_with_a_big_mask(16)
+    path = tmp_path / "liar.pt"
+    path.write_bytes(_declare_size(data, "data.pkl", 3_900_000_000))
+    calls: list[Any] = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a))
+    with pytest.raises(SerializationError, match=r"data\.pkl.*3900000000"):
+        serialize.load(path)
+    path.write_bytes(_declare_size(data, "data/0", 3_900_000_000))
+    with pytest.raises(SerializationError, match=r"data/0.*3900000000"):
+        serialize.load(path)
+    assert calls == []
+
+
+def test_a_torch_file_of_stride_0_tensors_is_counted_by_elements(tmp_path: Path) -> None:
+    """One stored value viewed as 2**31 - 1: a tiny file, a huge tensor after torch.load."""
+    view = torch.ones(1).expand(2**31 - 1)
+    state = {"state": {"0": {"mask": view}}, "data_groups": {}, "defaults": {}}
+    path = tmp_path / "view.pt"
+    path.write_bytes(torch_file_with(state))
+    assert path.stat().st_size < 4096
+    result = child_results(
+        """
+        limit_address_space(int(sys.argv[2]))
+        base = peak_rss()
+        outcome = attempt(lambda: serialize.load(sys.argv[1]))
+        outcome["growth"] = peak_rss() - base
+        print(json.dumps(outcome))
+        """,
+        str(path),
+        str(ADDRESS_SPACE),
+    )
+    assert result["kind"] == "SerializationError", result
+    assert "ACTSPARSE_MAX_ELEMENTS" in result["message"]
+    assert result["growth"] < RSS_GROWTH
+
+
+def test_a_deflated_member_that_claims_4_gib_in_bounded_memory(tmp_path: Path) -> None:
+    """A deflated storage whose headers claim 4 GiB, under RLIMIT_AS: refused from the claim."""
+    data = _declare_size(_deflated(_torch_state_with_a_big_mask(2**22)), "data/0", 2**32 - 1)
+    path = tmp_path / "bomb.pt"
+    path.write_bytes(data)
+    result = child_results(
+        """
+        limit_address_space(int(sys.argv[2]))
+        base = peak_rss()
+        outcome = attempt(lambda: serialize.load(sys.argv[1]))
+        outcome["growth"] = peak_rss() - base
+        print(json.dumps(outcome))
+        """,
+        str(path),
+        str(ADDRESS_SPACE),
+    )
+    assert result["kind"] == "SerializationError", result
+    assert "uncompressed" in result["message"]
+    assert result["growth"] < RSS_GROWTH
 
 
 # ------------------------------------------------- 3: files that are not files

@@ -22,12 +22,21 @@ from actsparse.core import SerializationError, get_registry
 from actsparse.serialize._packing import decode_mask, dtype_str, encode_mask, parse_dtype
 from actsparse.serialize._state import STATE_KEYS, from_torch_ao
 
-__all__ = ["STRATEGY_KEYS", "Decoder", "Encoder", "check_text", "named_state_dict"]
+__all__ = [
+    "MAX_DEPTH",
+    "STRATEGY_KEYS",
+    "Decoder",
+    "Encoder",
+    "check_text",
+    "named_state_dict",
+    "path_segment",
+]
 
 #: The config keys that hold strategies, and the registry kind of each.
 STRATEGY_KEYS = {"aggregate_fn": "aggregate", "reduce_fn": "reduce", "mask_fn": "mask"}
 _RECORDS = {"aggregate": "AggregateStrategy", "reduce": "ReduceStrategy", "mask": "MaskStrategy"}
-_MAX_DEPTH = 64
+#: How deeply values may nest in a state file.
+MAX_DEPTH = 64
 #: Integers in a file are signed 64-bit, like torch's and safetensors' own.
 _INT_RANGE = range(-(2**63), 2**63)
 
@@ -43,6 +52,17 @@ def check_text(text: str, where: str, *, what: str = "the string") -> None:
             f"at index {exc.start}, which UTF-8 cannot encode; a state file holds valid "
             "Unicode text only"
         ) from None
+
+
+def path_segment(key: object) -> str:
+    """``key`` as one step of a path in a message: as it is, unless UTF-8 cannot hold it."""
+    if isinstance(key, str):
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            return repr(key)
+        return key
+    return str(key)
 
 
 def strategy_name(value: object, *, kind: str, where: str, key: str) -> str | None:
@@ -201,8 +221,8 @@ class Decoder:
         return self.tensors[name]
 
     def value(self, value: Any, path: str, depth: int = 0) -> Any:
-        if depth > _MAX_DEPTH:
-            raise SerializationError(f"{path}: nested more than {_MAX_DEPTH} levels deep")
+        if depth > MAX_DEPTH:
+            raise SerializationError(f"{path}: nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, int) and not isinstance(value, bool) and value not in _INT_RANGE:
             raise SerializationError(f"{path}: {value} does not fit in a signed 64-bit int")
         if isinstance(value, str):

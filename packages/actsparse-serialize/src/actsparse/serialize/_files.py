@@ -14,6 +14,14 @@ import torch
 
 from actsparse.core import ActsparseError, SerializationError, Serializer, get_registry
 from actsparse.serialize._codec import map_tensors
+from actsparse.serialize._formats import (
+    check_header,
+    check_torch_zip,
+    safetensors_loads,
+    torch_loads,
+)
+from actsparse.serialize._limits import element_cap
+from actsparse.serialize._safetensors import header_length
 
 __all__ = ["DEFAULT_FORMAT", "load", "load_into", "save"]
 
@@ -199,11 +207,41 @@ def _peek(fh: IO[bytes], count: int) -> bytes:
     return data
 
 
-def _read(fh: IO[bytes], size: int, where: Path) -> bytearray:
+def _read_safetensors(fh: IO[bytes], size: int) -> bytearray:
+    """Read the length field, then the header, check both, and only then the data."""
+    prefix = _read_exact(fh, min(size, 8))
+    length = header_length(prefix, size)
+    head = prefix + _read_exact(fh, length)
+    check_header(head, size)
+    buf = bytearray(size)
+    buf[: len(head)] = head
+    _read_into(fh, memoryview(buf)[len(head) :])
+    return buf
+
+
+def _read_torch(fh: IO[bytes], size: int) -> bytearray:
+    """Check the zip's declared sizes from its central directory, then read the file."""
+    if _peek(fh, 4) != _ZIP_MAGIC:
+        raise SerializationError("not a torch zip file (torch.save writes zip files)")
+    check_torch_zip(fh, size)
+    fh.seek(0)
+    return _read_exact(fh, size)
+
+
+def _read(fh: IO[bytes], size: int, where: Path, serializer: Serializer) -> bytearray:
+    """The file's bytes, read only as far as the format's own checks allow."""
     try:
-        return _read_exact(fh, size)
+        if serializer.loads is safetensors_loads:
+            return _read_safetensors(fh, size)
+        if serializer.loads is torch_loads:
+            return _read_torch(fh, size)
+        return _read_exact(fh, size)  # another plugin's format: its own checks apply
     except SerializationError as exc:
         raise SerializationError(f"{where}: {exc}") from None
+    except MemoryError:
+        raise SerializationError(
+            f"{where}: there is not enough memory to read its {size} bytes"
+        ) from None
 
 
 def _sniff(head: bytes | bytearray) -> str:
@@ -220,7 +258,11 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def load(
-    path: PathLike, *, format: str | None = None, map_location: Device = None
+    path: PathLike,
+    *,
+    format: str | None = None,
+    map_location: Device = None,
+    max_elements: int | None = None,
 ) -> dict[str, Any]:
     """Read a state file into a state dict that ``load_state_dict`` accepts.
 
@@ -230,25 +272,34 @@ def load(
         format: The format to read; ``None`` tells them apart by content.
         map_location: The device for every tensor (masks and aggregated data);
             ``None`` keeps them on the CPU.
+        max_elements: The most elements the file may declare, masks counted
+            at their full shape (see docs/formats.md); ``None`` reads
+            ``ACTSPARSE_MAX_ELEMENTS``, else 2**28.
 
     Raises:
         SerializationError: The file is truncated, corrupted, of an unknown
-            format version, not a state file or not a regular file; the
-            message names the file.
+            format version, not a state file, not a regular file, or declares
+            more than the caps allow; the message names the file.
+        ConfigError: ``max_elements`` (or ``ACTSPARSE_MAX_ELEMENTS``) is not
+            a positive int.
         OSError: The file cannot be opened.
     """
     source = Path(path)
-    with _open_regular(source) as fh:
+    with element_cap(max_elements), _open_regular(source) as fh:
         size = os.fstat(fh.fileno()).st_size
         name = _sniff(_peek(fh, 4)) if format is None else format
         serializer = _serializer(name, source)
-        buf = _read(fh, size, source)
-    try:
-        state_dict: dict[str, Any] = serializer.loads(buf)
-    except SerializationError as exc:
-        raise SerializationError(f"{source}: {exc}") from None
-    except Exception as exc:
-        raise SerializationError(f"{source}: cannot be read as {name!r}: {exc!r}") from exc
+        buf = _read(fh, size, source, serializer)
+        try:
+            state_dict: dict[str, Any] = serializer.loads(buf)
+        except SerializationError as exc:
+            raise SerializationError(f"{source}: {exc}") from None
+        except MemoryError:
+            raise SerializationError(
+                f"{source}: there is not enough memory to load it as {name!r}"
+            ) from None
+        except Exception as exc:
+            raise SerializationError(f"{source}: cannot be read as {name!r}: {exc!r}") from exc
     if map_location is not None:
         device = torch.device(map_location)
         state_dict = map_tensors(state_dict, lambda t: _to_device(t, device))
@@ -256,14 +307,20 @@ def load(
 
 
 def load_into(
-    sparsifier: Any, path: PathLike, *, format: str | None = None, map_location: Device = None
+    sparsifier: Any,
+    path: PathLike,
+    *,
+    format: str | None = None,
+    map_location: Device = None,
+    max_elements: int | None = None,
 ) -> None:
     """``sparsifier.load_state_dict(load(path))``, with the file named in any error.
 
     A layer of the file that the sparsifier's model lacks raises
     ``LayerNotFoundError``; on any error the sparsifier is unchanged.
+    ``max_elements`` caps what the file may declare, as for :func:`load`.
     """
-    state_dict = load(path, format=format, map_location=map_location)
+    state_dict = load(path, format=format, map_location=map_location, max_elements=max_elements)
     try:
         sparsifier.load_state_dict(state_dict)
     except ActsparseError as exc:
