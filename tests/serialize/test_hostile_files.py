@@ -155,6 +155,108 @@ def torch_file_with(state_dict: dict[str, Any], checksum: str = "sha256:" + "0" 
     return buffer.getvalue()
 
 
+# ------------------------------------------ 1: sparse tensors in a torch file
+
+
+def _bad_coo(index: int, *, size: tuple[int, ...] = (4,)) -> torch.Tensor:
+    indices = torch.tensor([[0]] * (len(size) - 1) + [[index]])  # one entry, last dim bad
+    return torch.sparse_coo_tensor(
+        indices,
+        torch.ones(1),
+        size,
+        check_invariants=False,
+        is_coalesced=True,  # to_dense() then writes without looking
+    )
+
+
+HOSTILE_SPARSE = {
+    "far-out-of-range": lambda: _bad_coo(10**8),
+    "just-out-of-range": lambda: _bad_coo(9),
+    "negative": lambda: _bad_coo(-3),
+    "out-of-range-2d": lambda: _bad_coo(900_000, size=(2, 3)),
+    "csr-out-of-range": lambda: torch.sparse_csr_tensor(
+        torch.tensor([0, 1]), torch.tensor([10**6]), torch.ones(1), (1, 4), check_invariants=False
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_SPARSE))
+def test_a_torch_file_with_an_out_of_range_sparse_mask_is_refused_and_the_process_lives(
+    tmp_path: Path, case: str
+) -> None:
+    state = {"state": {"a": {"mask": HOSTILE_SPARSE[case]()}}, "data_groups": {}, "defaults": {}}
+    path = tmp_path / "bad.pt"
+    path.write_bytes(torch_file_with(state))
+    assert path.stat().st_size < 4096
+    result = child_results(
+        """
+        print(json.dumps(attempt(lambda: serialize.load(sys.argv[1]))))
+        """,
+        str(path),
+    )
+    assert result["kind"] == "SerializationError", result
+    assert "bad.pt" in result["message"]
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_SPARSE)[:4])
+def test_an_out_of_range_sparse_mask_in_memory_is_refused_before_to_dense(
+    tmp_path: Path, case: str
+) -> None:
+    """torch.ao's state-dict shape holds COO masks: every conversion checks them first."""
+    path = tmp_path / "bad.pt"
+    state = {"state": {"0": {"mask": HOSTILE_SPARSE[case]()}}, "data_groups": {}, "defaults": {}}
+    torch.save(state, path)
+    result = child_results(
+        """
+        state = torch.load(sys.argv[1], weights_only=True)
+        target = os.path.join(os.path.dirname(sys.argv[1]), "out.safetensors")
+        results = {
+            "save": attempt(lambda: serialize.save(state, target)),
+            "save-torch": attempt(lambda: serialize.save(state, target + ".pt")),
+            "from_torch_ao": attempt(lambda: serialize.from_torch_ao(state)),
+            "dense_masks": attempt(lambda: serialize.dense_masks(state["state"])),
+        }
+        net = model()
+        sparsifier = ActivationSparsifier(
+            net, aggregate_fn="sum", reduce_fn="mean", mask_fn="magnitude", sparsity_level=0.5
+        )
+        sparsifier.register_layer(net[0])
+        with torch.no_grad():
+            net(torch.randn(4, 6))
+        sparsifier.step()
+        own = sparsifier.state_dict()
+        own["state"]["0"]["mask"] = state["state"]["0"]["mask"]
+        fresh = ActivationSparsifier(model())
+        results["load_state_dict"] = attempt(lambda: fresh.load_state_dict(own))
+        results["written"] = sorted(os.listdir(os.path.dirname(sys.argv[1])))
+        print(json.dumps(results))
+        """,
+        str(path),
+    )
+    assert result.pop("written") == ["bad.pt"]
+    for call, outcome in result.items():
+        assert outcome["kind"] == "SerializationError", (call, outcome)
+        assert "state['0']['mask']" in outcome["message"], (call, outcome)
+
+
+def test_a_valid_sparse_mask_still_converts() -> None:
+    dense = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    back = serialize.from_sparse_coo(serialize.to_sparse_coo(dense))
+    assert same_state(back, dense)
+    uncoalesced = torch.sparse_coo_tensor(torch.tensor([[1, 0]]), torch.ones(2), (3,))
+    assert same_state(serialize.from_sparse_coo(uncoalesced), torch.tensor([1.0, 1.0, 0.0]))
+
+
+def test_a_torch_file_holds_dense_tensors_only(tmp_path: Path) -> None:
+    """A sparse tensor that passes torch's checks is refused too, before the checksum."""
+    mask = torch.tensor([1.0, 0.0, 1.0]).to_sparse_coo()
+    state = {"state": {"a": {"mask": mask}}, "data_groups": {}, "defaults": {}}
+    path = tmp_path / "sparse.pt"
+    path.write_bytes(torch_file_with(state))
+    with pytest.raises(SerializationError, match=r"state_dict/state/a/mask.*sparse_coo"):
+        serialize.load(path)
+
+
 # ------------------------------------------ 2: small files, large allocations
 
 

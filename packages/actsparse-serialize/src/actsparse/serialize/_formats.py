@@ -34,6 +34,7 @@ from actsparse.serialize._limits import (
     max_elements,
 )
 from actsparse.serialize._safetensors import (
+    DTYPES,
     MAX_HEADER_BYTES,
     TensorEntry,
     parse_header,
@@ -258,7 +259,7 @@ def check_torch_zip(source: IO[bytes], size: int) -> None:
 
 
 def _torch_elements(value: Any, where: str) -> int:
-    """The elements of every tensor in a loaded payload."""
+    """Check every tensor in a loaded payload (dense, CPU, a storable dtype) and count them."""
     total = 0
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     while stack:
@@ -266,6 +267,16 @@ def _torch_elements(value: Any, where: str) -> int:
         if depth > MAX_DEPTH:
             raise SerializationError(f"{path}: nested more than {MAX_DEPTH} levels deep")
         if isinstance(node, torch.Tensor):
+            if node.layout != torch.strided:
+                layout = str(node.layout).removeprefix("torch.")
+                raise SerializationError(
+                    f"{path}: a {layout} tensor; a torch-format state file holds dense "
+                    "(strided) tensors only"
+                )
+            if node.dtype not in _STORABLE or node.device.type != "cpu":
+                raise SerializationError(
+                    f"{path}: a {node.dtype} tensor on {node.device} cannot be part of a state file"
+                )
             total += node.numel()
         elif isinstance(node, dict):
             stack.extend((v, f"{path}/{path_segment(k)}", depth + 1) for k, v in node.items())
@@ -274,11 +285,15 @@ def _torch_elements(value: Any, where: str) -> int:
     return total
 
 
+_STORABLE = frozenset(DTYPES.values())
+
+
 def torch_loads(buf: bytes | bytearray) -> dict[str, Any]:
     """Read a torch-style file with ``weights_only=True``: a pickle of code is refused.
 
-    Before ``torch.load`` the zip's declared sizes are checked; then the
-    tensors' elements must stay within the cap before the checksum (which
+    Before ``torch.load`` the zip's declared sizes are checked; ``torch.load``
+    runs with sparse-tensor invariant checks on; then every tensor must be
+    dense and the total within the element cap before the checksum (which
     reads every tensor) is compared.
     """
     if bytes(buf[:4]) != b"PK\x03\x04":
@@ -286,7 +301,8 @@ def torch_loads(buf: bytes | bytearray) -> dict[str, Any]:
         raise SerializationError("not a torch zip file (torch.save writes zip files)")
     check_torch_zip(io.BytesIO(buf), len(buf))
     try:
-        payload = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
+        with torch.sparse.check_sparse_tensor_invariants():  # type: ignore[no-untyped-call]
+            payload = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise SerializationError(
             f"torch.load(weights_only=True) refused the file (it may carry code): {exc}"
