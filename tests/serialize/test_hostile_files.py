@@ -180,6 +180,7 @@ HOSTILE_SPARSE = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")  # torch's note
 @pytest.mark.parametrize("case", list(HOSTILE_SPARSE))
 def test_a_torch_file_with_an_out_of_range_sparse_mask_is_refused_and_the_process_lives(
     tmp_path: Path, case: str
