@@ -224,9 +224,9 @@ def _torch_checksum(state_dict: Mapping[str, Any]) -> str:
 def check_torch_zip(source: IO[bytes], size: int) -> None:
     """Check the sizes a torch zip declares before ``torch.load`` reads (and inflates) it.
 
-    The pickled state may take at most as many bytes as a safetensors header,
-    and the members together at most 8 bytes for each element the cap allows
-    plus that much again; so may the file itself.
+    The pickled state may take at most as many bytes as a safetensors header
+    (16 MiB), and the members together at most 8 bytes for each element the
+    cap allows plus 16 MiB; so may the file itself.
     """
     cap = max_elements()
     budget = BYTES_PER_ELEMENT * cap + MAX_HEADER_BYTES
