@@ -136,7 +136,11 @@ print('hooks with core: ok')
     "serialize": """
 import torch, actsparse.core as c
 ser = c.get_registry().get('serializer', 'sparse_coo')
-sd = {'state': {'a': {'mask': torch.tensor([1., 0., 1.])}}, 'data_groups': {}, 'defaults': {}}
+config = dict.fromkeys(c.CONFIG_KEYS)
+config['sparse_config'] = {}
+group = {**config, 'mask_fn': 'magnitude', 'hook_state': 'sparsify'}
+sd = {'state': {'a': {'mask': torch.tensor([1., 0., 1.])}},
+      'data_groups': {'a': group}, 'defaults': config}
 out = ser.dumps(sd)
 assert out['state']['a']['mask'].is_sparse
 assert torch.equal(ser.loads(out)['state']['a']['mask'], sd['state']['a']['mask'])
