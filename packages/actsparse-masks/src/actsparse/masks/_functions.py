@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actsparse.core import ConfigError
+from actsparse.masks._checks import fraction
 
 __all__ = ["magnitude_mask", "mean_over_batch", "sum_aggregate"]
 
@@ -24,10 +24,7 @@ def magnitude_mask(data: torch.Tensor, sparsity_level: float) -> torch.Tensor:
 
     Returns a mask of ``data``'s shape and dtype holding ones elsewhere.
     """
-    if isinstance(sparsity_level, bool) or not isinstance(sparsity_level, (int, float)):
-        raise ConfigError(f"sparsity_level must be a number, got {sparsity_level!r}")
-    if not 0.0 <= sparsity_level <= 1.0:
-        raise ConfigError(f"sparsity_level must lie in [0, 1], got {sparsity_level!r}")
+    fraction("sparsity_level", sparsity_level)
     magnitudes = data.abs().flatten()
     order = torch.sort(magnitudes).indices
     n_zero = round(sparsity_level * magnitudes.numel())

@@ -20,7 +20,8 @@ it returns ``t = 0`` and the zero fraction as the expected sparsity.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ from actsparse.core import ConfigError
 __all__ = [
     "HISTOGRAM_PARAMS",
     "abs_histogram_aggregate",
+    "check_abs_histogram",
     "finalize_histogram",
     "init_histogram",
     "target_threshold",
@@ -67,6 +69,13 @@ def _layout(bins_per_octave: object, log2_range: object) -> tuple[int, int, int]
     lo_code = (lo + _EXPONENT_BIAS) << bits
     hi_code = (hi + _EXPONENT_BIAS) << bits
     return _MANTISSA_BITS - bits, lo_code, hi_code - lo_code
+
+
+def check_abs_histogram(options: Mapping[str, Any]) -> None:
+    """The ``abs_histogram`` record's ``check``: ``bins_per_octave`` and ``log2_range``."""
+    _layout(
+        options.get("bins_per_octave", _BINS_PER_OCTAVE), options.get("log2_range", _LOG2_RANGE)
+    )
 
 
 def init_histogram(

@@ -12,25 +12,12 @@ import torch
 from torch.nn import functional as F
 
 from actsparse.core import ConfigError
+from actsparse.masks._checks import block_shape as _block_shape
+from actsparse.masks._checks import fraction as _fraction
+from actsparse.masks._checks import is_int as _is_int
+from actsparse.masks._checks import number as _number
 
 __all__ = ["block_norm_mask", "n_m_mask", "threshold_mask", "topk_mask"]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def _fraction(name: str, value: object) -> float:
-    number = _number(name, value)
-    if not 0.0 <= number <= 1.0:
-        raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
-    return number
 
 
 def _dim(data: torch.Tensor, dim: object) -> int:
@@ -100,17 +87,6 @@ def n_m_mask(data: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     keep.scatter_(-1, groups.topk(n, dim=-1).indices, 1)
     mask = keep.reshape(*scores.shape[:-1], -1)[..., :size]
     return mask.movedim(-1, axis).contiguous()
-
-
-def _block_shape(value: object) -> tuple[int, int]:
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, Sequence)
-        or len(value) != 2
-        or not all(_is_int(v) and v > 0 for v in value)
-    ):
-        raise ConfigError(f"sparse_block_shape must be two positive ints, got {value!r}")
-    return int(value[0]), int(value[1])
 
 
 def block_norm_mask(
