@@ -17,7 +17,7 @@ from _misuse_table import (
 from torch import nn
 
 from actsparse.core import ConfigError, LayerNotFoundError, UnknownStrategyError
-from actsparse.hooks import ActivationSparsifier
+from actsparse.hooks import ActivationSparsifier, WorkflowWarning
 
 NAN = math.nan
 
@@ -244,7 +244,12 @@ def test_misuse_raises_and_changes_nothing(case: Misuse) -> None:
 def test_registering_a_layer_twice_warns_and_replaces_its_hook_and_data() -> None:
     model, s = calibrated()
     old_hook = s.data_groups["first"]["hook"]
-    with pytest.warns(UserWarning, match="layer 'first' is already registered"):
+    with pytest.warns(
+        WorkflowWarning,
+        match=r"layer 'first' is already registered: registering it again replaces its "
+        r"configuration and discards its aggregated data and mask; .*"
+        r"sparsifier.update_config\(name, key=value\)",
+    ):
         s.register_layer(model.first, sparsity_level=0.25)
     assert list(model.first._forward_pre_hooks) == [s.data_groups["first"]["hook"].id]
     assert s.data_groups["first"]["hook"] is not old_hook
