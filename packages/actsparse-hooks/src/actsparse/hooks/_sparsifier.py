@@ -559,7 +559,8 @@ class ActivationSparsifier:
         """Compute every layer's mask from its aggregated data, then clear the data.
 
         All masks are computed and checked before any is stored: if one layer
-        fails, no mask changes and the aggregated data is kept.
+        fails, no mask changes and the aggregated data is kept. With no layer
+        registered it does nothing and warns (:class:`WorkflowWarning`).
 
         Under ``torch.distributed`` (initialised, more than one process) the
         layers' accumulators are first combined across the processes with the
@@ -586,6 +587,13 @@ class ActivationSparsifier:
             MaskError: A mask cannot be computed from the (combined) data.
         """
         group = resolve_group(process_group)
+        if not self._layers:
+            warnings.warn(
+                "step() ran with no layer registered: there is nothing to compute; register "
+                "layers with register_layer() or register_layers() before calibrating",
+                WorkflowWarning,
+                stacklevel=2,
+            )
         problem = self._step_problem(combining=group is not None)
         if group is None:
             if problem is not None:
@@ -629,6 +637,10 @@ class ActivationSparsifier:
         with ``|x| <= threshold`` zeroed. Every layer must have a mask or a
         threshold.
 
+        A layer that saw forward passes but never a ``step()`` holds torch.ao's
+        placeholder mask of ones, which leaves it dense: as torch.ao does, it
+        is squashed all the same, with a :class:`WorkflowWarning` naming it.
+
         Args:
             attach_sparsify_hook: False removes every hook and applies nothing.
             kernel: How threshold-mode layers are computed (see :meth:`set_kernel`):
@@ -650,6 +662,8 @@ class ActivationSparsifier:
                     "squash_mask()"
                 )
         modes = kernel_modes(self._layers, kernel) if attach_sparsify_hook else {}
+        if attach_sparsify_hook:
+            _warn_unstepped(self._layers.values())
         for name, layer in self._layers.items():
             if name in modes:
                 layer.mode = modes[name]
@@ -795,3 +809,19 @@ def _warn_replaced(layers: list[Layer]) -> None:
         stacklevel=3,
     )
 
+
+def _warn_unstepped(layers: Iterable[Layer]) -> None:
+    """Warn about layers that squash_mask() would leave dense: inputs seen, no step()."""
+    dense = [
+        repr(layer.name)
+        for layer in layers
+        if isinstance(layer.mode, StaticMask) and layer.mode.placeholder
+    ]
+    if dense:
+        warnings.warn(
+            f"squash_mask(): layer(s) {', '.join(dense)} saw forward passes but no step(), "
+            "so their mask is the placeholder of ones and they stay dense; call step() "
+            "before squash_mask()",
+            WorkflowWarning,
+            stacklevel=3,
+        )
