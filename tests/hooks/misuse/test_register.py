@@ -92,7 +92,8 @@ CASES: dict[str, Misuse] = {
         lambda: with_first({"aggregate_fn": "median"}, "register"),
         UnknownStrategyError,
         KeyError,
-        r"layer 'first': unknown aggregate strategy 'median'; known: .*'sum'",
+        r"layer 'first': unknown aggregate strategy 'median' \(did you mean 'mean'.*\?\); "
+        r"known: .*'sum'",
     ),
     "unknown strategy parameter": Misuse(
         lambda: with_first({"level": 0.3}, "register"),

@@ -29,6 +29,7 @@ from actsparse.core import (
     StateDict,
     StateError,
     ThresholdResult,
+    UnknownStrategyError,
     find_module,
     get_registry,
     module_to_fqn,
@@ -751,6 +752,9 @@ class ActivationSparsifier:
             SerializationError: The state dict is malformed, or a layer's
                 mask, threshold or data does not fit it.
             LayerNotFoundError: A layer of the state dict is not in the model.
+            UnknownStrategyError: A layer's strategy is named by a plugin that
+                is not installed here (the message says whether it is a
+                built-in and which package ships it).
             ConfigError: A layer's configuration is refused, as
                 :meth:`register_layer` would refuse it.
         """
@@ -761,7 +765,12 @@ class ActivationSparsifier:
             if found is None:
                 raise LayerNotFoundError(f"layer {name!r} of the state dict is not in the model")
             fqn, module = found
-            layer = self._build_layer(fqn, module, dict(record.config))
+            try:
+                layer = self._build_layer(fqn, module, dict(record.config))
+            except UnknownStrategyError as exc:
+                raise UnknownStrategyError(
+                    f"the state dict names a strategy that is not installed here: {exc}"
+                ) from None
             layer.restore(record)
             if fqn in new_layers:
                 raise SerializationError(
