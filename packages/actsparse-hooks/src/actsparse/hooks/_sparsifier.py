@@ -262,6 +262,17 @@ class ActivationSparsifier:
         process used (state dicts do not keep them), before or after
         ``squash_mask()``; the layers' ``sparse_config`` follow. Nothing
         changes if a name or a level is refused.
+
+        Args:
+            levels: Layer name -> new target sparsity, a number in [0, 1].
+
+        Raises:
+            LayerNotFoundError: A name is not registered.
+            StateError: A layer is not in threshold mode, its strategy has no
+                ``target_key``, or it holds no statistics from a ``step()`` in
+                this process.
+            ConfigError: ``levels`` is not a mapping, or a level is not a
+                number in [0, 1].
         """
         if not isinstance(levels, Mapping):
             raise ConfigError(f"levels must map layer names to levels, got {levels!r}")
@@ -278,6 +289,19 @@ class ActivationSparsifier:
                 model(**batch)
 
         Layers with a static mask strategy ignore it.
+
+        Args:
+            mask: A bool tensor, True at the positions to count.
+
+        Returns:
+            A context manager; blocks do not nest.
+
+        Raises:
+            ConfigError: ``mask`` is not a bool tensor, a block is already
+                active, or a threshold-mode layer's aggregate does not take
+                valid positions (``AggregateStrategy.takes_valid``); a mask
+                that does not match a layer's input is refused on its forward
+                pass.
         """
         return self._valid.active(mask, self._layers.values())
 
@@ -369,8 +393,21 @@ class ActivationSparsifier:
         A layer selected by two rules, a rule that selects no layer (unless
         ``missing_ok``) and any invalid configuration are errors, raised before
         anything is registered. Layers registered already are replaced, with
-        one :class:`WorkflowWarning` that says what they lose. Returns the
-        registered names in the model's order.
+        one :class:`WorkflowWarning` that says what they lose.
+
+        Args:
+            rules: Selectors and their configurations, as above.
+            missing_ok: Accept a rule that selects no layer.
+
+        Returns:
+            The registered names, in the model's order.
+
+        Raises:
+            ConfigError: A rule is invalid, selects nothing, or shares a layer
+                with another rule, or a configuration is refused (the message
+                names the rule).
+            UnknownStrategyError: A strategy name that no installed plugin
+                registers.
         """
         if not isinstance(missing_ok, bool):
             raise ConfigError(f"missing_ok must be a bool, got {missing_ok!r}")
@@ -647,6 +684,18 @@ class ActivationSparsifier:
             kernel: How threshold-mode layers are computed (see :meth:`set_kernel`):
                 ``"dense"`` (the default: zero, then the layer), the name of a
                 registered kernel, or ``"auto"``. Static masks ignore it.
+            **kwargs: None is accepted: any other keyword is a ``ConfigError``
+                that names it.
+
+        Raises:
+            StateError: A layer is squashed already.
+            MaskNotReadyError: A layer has no mask or threshold (it has seen no
+                input, or a threshold-mode layer no ``step()``).
+            ConfigError: A bad argument, or a kernel that cannot run here or
+                compute a layer.
+            UnknownStrategyError: No kernel has that name.
+
+        Nothing changes when it raises.
         """
         if kwargs:
             raise ConfigError(
@@ -681,6 +730,9 @@ class ActivationSparsifier:
         faster (single-token decoding), and the dense path above. The choice
         is not part of the state dict: a loaded state runs dense until this
         is called. Layers with a static mask are not affected.
+
+        Args:
+            kernel: ``"dense"``, a registered kernel's name, or ``"auto"``.
 
         Raises:
             UnknownStrategyError: No kernel has that name.
@@ -717,7 +769,16 @@ class ActivationSparsifier:
 
         Folded layers are unregistered: they leave ``data_groups``, ``state``
         and ``state_dict()``, and their names are added to :attr:`folded`.
-        Other layers keep their hooks. Returns the names folded by this call.
+        Other layers keep their hooks.
+
+        Args:
+            prune: Also remove the input features whose mask is zero.
+
+        Returns:
+            The names of the layers folded by this call, in order.
+
+        Raises:
+            ConfigError: ``prune`` is not a bool.
         """
         if not isinstance(prune, bool):
             raise ConfigError(f"prune must be a bool, got {prune!r}")
@@ -736,6 +797,12 @@ class ActivationSparsifier:
         layers hold ``"threshold"`` instead; data groups hold neither ``hook``
         nor ``layer``. Everything is a copy. ``actsparse.serialize.save``
         writes it to a file.
+
+        Returns:
+            A new dict: ``state`` (layer name -> ``{"mask": ...}``, with
+            ``"threshold"`` for threshold-mode layers), ``data_groups`` (layer
+            name -> configuration, ``hook_state`` and any aggregated
+            ``data``), ``defaults`` and ``format_version``.
         """
         layers = {name: layer.to_state() for name, layer in self._layers.items()}
         return StateDict(defaults=self.defaults, layers=layers).as_dict(sparse=True)
@@ -747,6 +814,10 @@ class ActivationSparsifier:
         Layers are found by name in this sparsifier's model and get the hook
         that their ``hook_state`` names. Everything is checked first: on error
         the sparsifier and the model's hooks are unchanged.
+
+        Args:
+            state_dict: What :meth:`state_dict` (or torch.ao's ``state_dict()``,
+                or ``actsparse.serialize.load``) returned.
 
         Raises:
             SerializationError: The state dict is malformed, or a layer's

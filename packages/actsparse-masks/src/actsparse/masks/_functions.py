@@ -22,7 +22,20 @@ def mean_over_batch(data: torch.Tensor) -> torch.Tensor:
 def magnitude_mask(data: torch.Tensor, sparsity_level: float) -> torch.Tensor:
     """Zero the ``round(sparsity_level * n)`` entries of smallest absolute value.
 
-    Returns a mask of ``data``'s shape and dtype holding ones elsewhere.
+    The registered ``magnitude`` mask strategy. ``round`` is Python's (halves
+    go to the even number); which of several tied entries is zeroed is not
+    specified.
+
+    Args:
+        data: The reduced data, of any shape (``n`` entries).
+        sparsity_level: The fraction of entries to zero, a number in [0, 1].
+
+    Returns:
+        A mask of ``data``'s shape and dtype: zeros at the smallest entries,
+        ones elsewhere.
+
+    Raises:
+        ConfigError: ``sparsity_level`` is not a number in [0, 1].
     """
     fraction("sparsity_level", sparsity_level)
     magnitudes = data.abs().flatten()

@@ -126,10 +126,26 @@ def finalize_histogram(
 def target_threshold(histogram: torch.Tensor, sparsity_level: float) -> tuple[float, float, float]:
     """``(threshold, expected_sparsity, zero_fraction)`` for a finalized histogram.
 
-    ``threshold`` zeroes (``|x| <= threshold``) the fraction ``sparsity_level``
-    of the counted magnitudes; ``zero_fraction`` is the fraction below the
-    lowest bin edge. When it exceeds ``sparsity_level`` the target is
-    unreachable: the threshold is 0 and ``expected_sparsity`` is ``zero_fraction``.
+    The registered ``target_threshold`` mask strategy (a dynamic one: its
+    layers zero ``|x| <= threshold`` of every input). ``threshold`` zeroes the
+    fraction ``sparsity_level`` of the counted magnitudes, interpolated
+    geometrically inside the bin that holds that quantile.
+
+    Args:
+        histogram: What :func:`finalize_histogram` returns: a ``(2, bins)``
+            tensor of bin upper edges and counts.
+        sparsity_level: The target fraction of zeros, a number in [0, 1].
+
+    Returns:
+        ``(threshold, expected_sparsity, zero_fraction)``: ``zero_fraction`` is
+        the fraction below the lowest bin edge (the zeros). When it exceeds
+        ``sparsity_level`` the target is unreachable: the threshold is 0 and
+        ``expected_sparsity`` is ``zero_fraction``; otherwise it is
+        ``sparsity_level``.
+
+    Raises:
+        ConfigError: ``sparsity_level`` is not a number in [0, 1], the
+            histogram has another shape, or it counted nothing.
     """
     if (
         isinstance(sparsity_level, bool)
