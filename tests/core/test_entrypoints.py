@@ -19,11 +19,13 @@ from torch import nn
 from actsparse.core import (
     BLOCK_ENV_VAR,
     ENTRY_POINT_GROUP,
+    ConfigError,
     MaskStrategy,
     PluginError,
     PluginWarning,
     ReduceStrategy,
     Registry,
+    UnknownStrategyError,
     _registry,
     get_registry,
     hookimpl,
@@ -296,16 +298,131 @@ def test_an_entry_point_without_a_distribution_loads_untagged(
     assert (entry.plugin, entry.distribution) == ("orphan", None)
 
 
-def test_a_second_entry_point_with_a_taken_name_is_ignored(
+# ------------------------------------------- two plugins under one name
+
+
+def _real_entry_points() -> list[Any]:
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _with_real(monkeypatch: pytest.MonkeyPatch, *first: FakeEntryPoint) -> None:
+    """The installed entry points, with ``first`` listed ahead of them."""
+    _only(monkeypatch, *first, *_real_entry_points())  # type: ignore[arg-type]
+
+
+def _impostor() -> FakeEntryPoint:
+    return FakeEntryPoint(
+        "actsparse.masks", FakeDist("evil-masks", "6.6"), lambda: types_module_with_mask("evil")
+    )
+
+
+def test_a_third_party_plugin_named_like_a_built_in_does_not_displace_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _with_real(monkeypatch, _impostor())
+    with pytest.warns(PluginWarning) as record:
+        pm = make_plugin_manager()
+    messages = [str(w.message) for w in record if issubclass(w.category, PluginWarning)]
+    assert len(messages) == 1, messages
+    assert "'actsparse.masks'" in messages[0]
+    assert "evil-masks 6.6" in messages[0]
+    assert "actsparse-masks" in messages[0]
+    assert f"{BLOCK_ENV_VAR}=evil-masks:actsparse.masks" in messages[0]
+    assert pm.distributions["actsparse.masks"][0] == "actsparse-masks"
+    registry = Registry.from_plugin_manager(pm)
+    assert {"sum", "mean"} <= set(registry.names("aggregate"))
+    assert "magnitude" in registry.names("mask")
+    assert "evil" not in registry.names("mask")
+
+
+def test_the_built_in_wins_whatever_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    _only(monkeypatch, *_real_entry_points(), _impostor())  # type: ignore[arg-type]
+    with pytest.warns(PluginWarning, match="evil-masks"):
+        pm = make_plugin_manager()
+    assert pm.distributions["actsparse.masks"][0] == "actsparse-masks"
+
+
+def test_blocking_one_distribution_keeps_the_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_real(monkeypatch, _impostor())
+    monkeypatch.setenv(BLOCK_ENV_VAR, "Evil_Masks:actsparse.masks")
+    pm = make_plugin_manager()  # no warning: the impostor is blocked by distribution
+    assert pm.distributions["actsparse.masks"][0] == "actsparse-masks"
+    assert not pm.is_blocked("actsparse.masks")
+    assert "magnitude" in Registry.from_plugin_manager(pm).names("mask")
+
+
+def test_blocking_the_built_in_by_distribution_loads_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _with_real(monkeypatch, _impostor())
+    pm = make_plugin_manager(blocked=["actsparse-masks:actsparse.masks"])
+    assert pm.distributions["actsparse.masks"] == ("evil-masks", "6.6")
+    assert Registry.from_plugin_manager(pm).names("mask") == ["evil", "fixture_sign"]
+
+
+def test_a_bare_name_blocks_every_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_real(monkeypatch, _impostor())
+    pm = make_plugin_manager(blocked=["actsparse.masks"])
+    assert pm.get_plugin("actsparse.masks") is None
+    assert "actsparse.masks" not in pm.distributions
+
+
+def test_a_star_blocks_every_entry_point_of_a_distribution() -> None:
+    pm = make_plugin_manager(blocked=[f"{FIXTURE_DIST}:*"])
+    assert pm.get_plugin("fixture") is None
+    assert pm.get_plugin("fixture-broken") is None
+    assert pm.get_plugin("actsparse.masks") is not None
+
+
+@pytest.mark.parametrize("item", [":fixture", "fixture-dist:", " : "])
+def test_a_malformed_block_item_is_a_config_error(item: str) -> None:
+    with pytest.raises(ConfigError, match=BLOCK_ENV_VAR):
+        make_plugin_manager(blocked=[item])
+
+
+def test_two_third_party_plugins_under_one_name_are_both_skipped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     first = types_module_with_mask("first_mask")
     second = types_module_with_mask("second_mask")
     _only(
         monkeypatch,
-        FakeEntryPoint("same", FakeDist("dist-one"), lambda: first),
-        FakeEntryPoint("same", FakeDist("dist-two"), lambda: second),
+        FakeEntryPoint("same", FakeDist("dist-one", "1.0"), lambda: first),
+        FakeEntryPoint("same", FakeDist("dist-two", "2.0"), lambda: second),
     )
-    pm = make_plugin_manager()
+    with pytest.warns(PluginWarning) as record:
+        pm = make_plugin_manager()
+    message = str(record[0].message)
+    assert "'same'" in message
+    assert "dist-one 1.0" in message
+    assert "dist-two 2.0" in message
+    assert f"{BLOCK_ENV_VAR}=dist-two:same" in message
+    assert pm.get_plugin("same") is None
+    # blocking one of them settles it
+    pm = make_plugin_manager(blocked=["dist-two:same"])
     assert pm.get_plugin("same") is first
-    assert pm.distributions["same"][0] == "dist-one"
+    assert pm.distributions["same"] == ("dist-one", "1.0")
+
+
+def test_unknown_name_says_when_the_built_ins_are_installed_but_not_registered() -> None:
+    registry = Registry.from_plugin_manager(make_plugin_manager(blocked=["actsparse.masks"]))
+    with pytest.raises(UnknownStrategyError) as info:
+        registry.get("mask", "magnitude")
+    message = str(info.value)
+    assert "actsparse-masks is installed, but its plugin is not registered" in message
+    assert BLOCK_ENV_VAR in message
+    # with the built-ins registered, a wrong name gets no such note
+    with pytest.raises(UnknownStrategyError) as info:
+        get_registry().get("mask", "magnitud")
+    assert "is installed" not in str(info.value)
+
+
+def test_an_entry_point_whose_name_is_taken_in_process_is_skipped_with_a_warning() -> None:
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(types_module_with_mask("in_process"), name="fixture")
+    with pytest.warns(PluginWarning, match=rf"'fixture'.*{FIXTURE_DIST}.*in-process"):
+        pm.load_entrypoints()
+    assert "fixture" not in pm.distributions
+    # loading again warns about nothing new
+    pm = make_plugin_manager()
+    pm.load_entrypoints()

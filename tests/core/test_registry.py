@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import types
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -223,6 +225,39 @@ def test_duplicate_message_names_the_earlier_plugin_first() -> None:
         registry_of(("earlier", returning("mask", "x")), ("later", returning("mask", "x")))
     message = str(info.value)
     assert message.index("'earlier'") < message.index("'later'")
+
+
+def _file_format(name: str, suffix: str) -> Serializer:
+    return Serializer(name=name, dumps=_ident, loads=_ident, binary=True, suffix=suffix)
+
+
+@pytest.mark.parametrize("other_suffix", [".safetensors", ".SafeTensors"])
+def test_a_suffix_claimed_twice_is_refused_naming_both(other_suffix: str) -> None:
+    own = plugin(serializer=lambda: [_file_format("safetensors", ".safetensors")])
+    rival = plugin(serializer=lambda: [_file_format("fast_tensors", other_suffix)])
+    with pytest.raises(DuplicateStrategyError) as info:
+        registry_of(("actsparse.serialize", own), ("rival", rival))
+    message = str(info.value)
+    assert f"file suffix {other_suffix!r} is claimed twice" in message
+    assert "serializer 'safetensors' of plugin 'actsparse.serialize'" in message
+    assert "serializer 'fast_tensors' of plugin 'rival'" in message
+
+
+def test_a_suffix_claim_against_the_installed_formats_is_refused() -> None:
+    rival = plugin(serializer=lambda: [_file_format("fast_tensors", ".safetensors")])
+    before = get_registry()
+    with pytest.raises(DuplicateStrategyError, match=r"'fast_tensors'.*'rival'"):
+        register_plugin(rival, name="rival")
+    assert get_registry() is before
+    assert get_plugin_manager().get_plugin("rival") is None
+
+
+def test_distinct_suffixes_and_empty_ones_coexist() -> None:
+    registry = registry_of(
+        ("p", plugin(serializer=lambda: [_file_format("a", ".a"), _file_format("b", ".b")])),
+        ("q", returning("serializer", "c", "d")),  # in-memory: no suffix
+    )
+    assert registry.names("serializer") == ["a", "b", "c", "d"]
 
 
 # ------------------------------------------------------------ bad results
@@ -633,3 +668,24 @@ def test_hook_results_are_collected_once_per_registry() -> None:
         registry.get("mask", "counted")
         registry.names("mask")
     assert calls == ["called"]
+
+
+# ------------------------------------------------------------------ typing
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is new in 3.11")
+@pytest.mark.parametrize("method", [Registry.get, Registry.resolve], ids=["get", "resolve"])
+def test_lookups_are_typed_per_kind(method: Callable[..., Any]) -> None:
+    """mypy sees the record type of each kind: Literal["mask"] -> MaskStrategy, ..."""
+    returns: dict[str, Any] = {}
+    fallback = []
+    for variant in typing.get_overloads(method):
+        hints = typing.get_type_hints(variant)
+        if typing.get_origin(hints["kind"]) is typing.Literal:
+            (kind,) = typing.get_args(hints["kind"])
+            returns[kind] = hints["return"]
+        else:
+            fallback.append(hints["return"])
+    assert returns == {key: info.record_type for key, info in KINDS.items()}
+    assert len(fallback) == 1
+    assert set(typing.get_args(fallback[0])) == {info.record_type for info in KINDS.values()}

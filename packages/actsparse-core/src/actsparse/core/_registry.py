@@ -9,7 +9,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, TypeAlias, overload
 
 import attrs
 import pluggy
@@ -34,13 +34,16 @@ from actsparse.core._unknown import unknown_name_message
 
 __all__ = [
     "BLOCK_ENV_VAR",
+    "BlockRules",
     "ENTRY_POINT_GROUP",
     "FIRST_PARTY_DISTRIBUTIONS",
     "KINDS",
     "Entry",
     "Kind",
+    "KindName",
     "PluginManager",
     "PluginWarning",
+    "Record",
     "Registry",
     "get_plugin_manager",
     "get_registry",
@@ -58,6 +61,12 @@ FIRST_PARTY_DISTRIBUTIONS = frozenset(
 
 class PluginWarning(UserWarning):
     """A third-party plugin was skipped."""
+
+
+#: The name of a kind of record, as ``Registry.get`` and ``Registry.resolve`` take it.
+KindName: TypeAlias = Literal["aggregate", "reduce", "mask", "serializer", "kernel"]
+#: Any record that a plugin hook returns.
+Record: TypeAlias = AggregateStrategy | ReduceStrategy | MaskStrategy | Serializer | KernelStrategy
 
 
 @attrs.frozen
@@ -113,6 +122,61 @@ class Entry:
         return f"plugin {self.plugin!r} ({self.distribution} {self.version})"
 
 
+@attrs.frozen
+class BlockRules:
+    """Which entry points to skip, parsed from ``ACTSPARSE_BLOCK_PLUGINS`` items.
+
+    An item ``name`` blocks every entry point called ``name``, whichever
+    distribution declares it. An item ``dist:name`` blocks only the entry
+    point ``name`` of the distribution ``dist`` (distribution names compare
+    as pip compares them: case, ``-``, ``_`` and ``.`` do not matter), and
+    ``dist:*`` blocks every entry point of ``dist``.
+    """
+
+    names: frozenset[str] = frozenset()
+    qualified: frozenset[tuple[str, str]] = frozenset()
+
+    @classmethod
+    def parse(cls, items: Iterable[str]) -> BlockRules:
+        names: set[str] = set()
+        qualified: set[tuple[str, str]] = set()
+        for raw in items:
+            item = raw.strip()
+            if not item:
+                continue
+            dist, sep, name = item.partition(":")
+            if not sep:
+                names.add(item)
+                continue
+            dist, name = dist.strip(), name.strip()
+            if not dist or not name:
+                raise ConfigError(
+                    f"{BLOCK_ENV_VAR}: {item!r} must be a plugin name, "
+                    "'distribution:plugin-name' or 'distribution:*'"
+                )
+            qualified.add((_canonical(dist), name))
+        return cls(frozenset(names), frozenset(qualified))
+
+    def blocks(self, name: str, distribution: str | None) -> bool:
+        """Whether the entry point ``name`` of ``distribution`` (canonical) is blocked."""
+        if name in self.names:
+            return True
+        if distribution is None:
+            return False
+        return (distribution, name) in self.qualified or (distribution, "*") in self.qualified
+
+
+def _describe(ep: importlib.metadata.EntryPoint) -> str:
+    dist = ep.dist
+    if dist is None:
+        return "an unknown distribution"
+    return f"{dist.name} {dist.version}"
+
+
+def _dist_name(ep: importlib.metadata.EntryPoint) -> str | None:
+    return _canonical(ep.dist.name) if ep.dist is not None else None
+
+
 class PluginManager(pluggy.PluginManager):
     """A pluggy manager for the ``actsparse`` project that remembers distributions."""
 
@@ -125,42 +189,101 @@ class PluginManager(pluggy.PluginManager):
     def load_entrypoints(self, blocked: Iterable[str] = ()) -> None:
         """Register every plugin of the ``actsparse`` entry-point group.
 
-        A third-party plugin that fails to import is named in a
+        ``blocked`` holds :class:`BlockRules` items (``name``, ``dist:name``,
+        ``dist:*``). A third-party plugin that fails to import is named in a
         :class:`PluginWarning` and skipped; a first-party one raises
-        :class:`PluginError`.
+        :class:`PluginError`. When several distributions declare an entry
+        point of one name, a built-in plugin is kept and the others are
+        skipped with a :class:`PluginWarning` naming every distribution;
+        without a built-in among them, all of them are skipped. Nothing
+        replaces a plugin silently.
         """
-        blocked = set(blocked)
-        for name in blocked:
+        rules = BlockRules.parse(blocked)
+        for name in rules.names:
             self.set_blocked(name)
+        by_name: dict[str, list[importlib.metadata.EntryPoint]] = {}
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if self.is_blocked(ep.name) or self.get_plugin(ep.name) is not None:
+            if self.is_blocked(ep.name) or rules.blocks(ep.name, _dist_name(ep)):
                 continue
-            dist = ep.dist
-            dist_name = _canonical(dist.name) if dist is not None else None
-            try:
-                plugin = ep.load()
-            except Exception as exc:
-                where = f"{ep.name!r} ({ep.value}) from {dist_name or 'an unknown distribution'}"
-                if dist_name in FIRST_PARTY_DISTRIBUTIONS:
-                    raise PluginError(f"built-in plugin {where} failed to import: {exc!r}") from exc
-                warnings.warn(
-                    f"actsparse: skipped plugin {where}: import failed: {exc!r}",
-                    PluginWarning,
-                    stacklevel=2,
+            by_name.setdefault(ep.name, []).append(ep)
+        for name, eps in by_name.items():
+            chosen = self._one_of(name, eps)
+            if chosen is not None:
+                self._load_one(chosen)
+
+    def _one_of(
+        self, name: str, eps: list[importlib.metadata.EntryPoint]
+    ) -> importlib.metadata.EntryPoint | None:
+        """The entry point to load among those called ``name``; warn about the rest."""
+        registered = self.get_plugin(name)
+        if registered is not None:
+            holder = self.distributions.get(name)
+            owner = f"{holder[0]} {holder[1]}" if holder else "an in-process plugin"
+            for ep in eps:
+                if holder is not None and holder[0] == _dist_name(ep):
+                    continue  # loaded by an earlier call
+                _warn(
+                    f"skipped plugin {name!r} ({ep.value}) from {_describe(ep)}: the name is "
+                    f"taken by {owner}; block one with {BLOCK_ENV_VAR}={_block_item(ep)}"
                 )
-                continue
-            try:
-                self.register(plugin, name=ep.name)
-            except (pluggy.PluginValidationError, ValueError) as exc:
-                where = f"{ep.name!r} ({ep.value}) from {dist_name or 'an unknown distribution'}"
-                if dist_name in FIRST_PARTY_DISTRIBUTIONS:
-                    raise PluginError(f"built-in plugin {where} is invalid: {exc}") from exc
-                warnings.warn(
-                    f"actsparse: skipped plugin {where}: {exc}", PluginWarning, stacklevel=2
-                )
-                continue
-            if dist is not None and dist_name is not None:
-                self.distributions[ep.name] = (dist_name, dist.version)
+            return None
+        if len(eps) == 1:
+            return eps[0]
+        builtins = [ep for ep in eps if _dist_name(ep) in FIRST_PARTY_DISTRIBUTIONS]
+        everyone = ", ".join(_describe(ep) for ep in eps)
+        if len(builtins) == 1:
+            (builtin,) = builtins
+            for ep in eps:
+                if ep is not builtin:
+                    _warn(
+                        f"skipped plugin {name!r} ({ep.value}) from {_describe(ep)}: the "
+                        f"built-in plugin of that name comes from {_describe(builtin)} and is "
+                        f"kept. Rename the other entry point, or silence this with "
+                        f"{BLOCK_ENV_VAR}={_block_item(ep)}"
+                    )
+            return builtin
+        if builtins:
+            raise PluginError(
+                f"built-in plugin {name!r} is declared by several distributions: {everyone}; "
+                "reinstall actsparse"
+            )
+        items = ",".join(_block_item(ep) for ep in eps[1:])
+        _warn(
+            f"skipped plugin {name!r}: {len(eps)} distributions declare it ({everyone}), and "
+            f"none of them is loaded rather than an arbitrary one. Uninstall all but one, or "
+            f"block the others, for example {BLOCK_ENV_VAR}={items}"
+        )
+        return None
+
+    def _load_one(self, ep: importlib.metadata.EntryPoint) -> None:
+        dist = ep.dist
+        dist_name = _dist_name(ep)
+        where = f"{ep.name!r} ({ep.value}) from {dist_name or 'an unknown distribution'}"
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            if dist_name in FIRST_PARTY_DISTRIBUTIONS:
+                raise PluginError(f"built-in plugin {where} failed to import: {exc!r}") from exc
+            _warn(f"skipped plugin {where}: import failed: {exc!r}")
+            return
+        try:
+            self.register(plugin, name=ep.name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            if dist_name in FIRST_PARTY_DISTRIBUTIONS:
+                raise PluginError(f"built-in plugin {where} is invalid: {exc}") from exc
+            _warn(f"skipped plugin {where}: {exc}")
+            return
+        if dist is not None and dist_name is not None:
+            self.distributions[ep.name] = (dist_name, dist.version)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"actsparse: {message}", PluginWarning, stacklevel=3)
+
+
+def _block_item(ep: importlib.metadata.EntryPoint) -> str:
+    dist = _dist_name(ep)
+    return ep.name if dist is None else f"{dist}:{ep.name}"
 
 
 def _canonical(name: str) -> str:
@@ -168,7 +291,11 @@ def _canonical(name: str) -> str:
 
 
 def blocked_from_env(environ: Mapping[str, str] | None = None) -> frozenset[str]:
-    """The plugin names listed (comma-separated) in ``ACTSPARSE_BLOCK_PLUGINS``."""
+    """The items listed (comma-separated) in ``ACTSPARSE_BLOCK_PLUGINS``.
+
+    Each item is a plugin name, ``distribution:plugin-name`` or
+    ``distribution:*`` (see :class:`BlockRules`).
+    """
     raw = (os.environ if environ is None else environ).get(BLOCK_ENV_VAR, "")
     return frozenset(part.strip() for part in raw.split(",") if part.strip())
 
@@ -295,7 +422,7 @@ class Registry:
         plugin: str,
         distribution: tuple[str, str] | None = None,
     ) -> None:
-        """Add one record; refuse a wrong type or a name that is already taken."""
+        """Add one record; refuse a wrong type, a taken name or a file suffix already claimed."""
         info = _kind(kind)
         if not isinstance(record, info.record_type):
             raise PluginError(
@@ -315,6 +442,15 @@ class Registry:
                 f"{info.label} {name!r} is registered twice: by {table[name].provider} "
                 f"and by {entry.provider}"
             )
+        if isinstance(record, Serializer) and record.suffix:
+            suffix = record.suffix.lower()
+            for other in table.values():
+                if other.record.suffix.lower() == suffix:
+                    raise DuplicateStrategyError(
+                        f"file suffix {record.suffix!r} is claimed twice: by serializer "
+                        f"{other.record.name!r} of {other.provider} and by serializer "
+                        f"{name!r} of {entry.provider}"
+                    )
         table[name] = entry
 
     def names(self, kind: str) -> list[str]:
@@ -335,13 +471,46 @@ class Registry:
         except (KeyError, TypeError):
             raise UnknownStrategyError(
                 unknown_name_message(
-                    kind=info.key, label=info.label, package=info.package, name=name, known=table
+                    kind=info.key,
+                    label=info.label,
+                    package=info.package,
+                    name=name,
+                    known=table,
+                    note=self._absent_builtins(info),
                 )
             ) from None
 
-    def get(self, kind: str, name: str) -> Any:
+    def _absent_builtins(self, info: Kind) -> str:
+        """A note for the case where the built-ins' package is installed but not registered."""
+        table = self._entries[info.key]
+        if any(entry.distribution == info.package for entry in table.values()):
+            return ""
+        try:
+            importlib.metadata.distribution(info.package)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+        return (
+            f" ({info.package} is installed, but its plugin is not registered here: "
+            f"check {BLOCK_ENV_VAR} and any PluginWarning)"
+        )
+
+    @overload
+    def get(self, kind: Literal["aggregate"], name: str) -> AggregateStrategy: ...
+    @overload
+    def get(self, kind: Literal["reduce"], name: str) -> ReduceStrategy: ...
+    @overload
+    def get(self, kind: Literal["mask"], name: str) -> MaskStrategy: ...
+    @overload
+    def get(self, kind: Literal["serializer"], name: str) -> Serializer: ...
+    @overload
+    def get(self, kind: Literal["kernel"], name: str) -> KernelStrategy: ...
+    @overload
+    def get(self, kind: str, name: str) -> Record: ...
+
+    def get(self, kind: str, name: str) -> Record:
         """The record registered under ``name``."""
-        return self.entry(kind, name).record
+        record: Record = self.entry(kind, name).record
+        return record
 
     def name_of(self, kind: str, value: object) -> str | None:
         """The registered name of a record or of a registered record's ``fn``, else None."""
@@ -351,7 +520,30 @@ class Registry:
                 return name
         return None
 
-    def resolve(self, kind: str, value: object, *, key: str | None = None) -> Any:
+    @overload
+    def resolve(
+        self, kind: Literal["aggregate"], value: object, *, key: str | None = None
+    ) -> AggregateStrategy: ...
+    @overload
+    def resolve(
+        self, kind: Literal["reduce"], value: object, *, key: str | None = None
+    ) -> ReduceStrategy: ...
+    @overload
+    def resolve(
+        self, kind: Literal["mask"], value: object, *, key: str | None = None
+    ) -> MaskStrategy: ...
+    @overload
+    def resolve(
+        self, kind: Literal["serializer"], value: object, *, key: str | None = None
+    ) -> Serializer: ...
+    @overload
+    def resolve(
+        self, kind: Literal["kernel"], value: object, *, key: str | None = None
+    ) -> KernelStrategy: ...
+    @overload
+    def resolve(self, kind: str, value: object, *, key: str | None = None) -> Record: ...
+
+    def resolve(self, kind: str, value: object, *, key: str | None = None) -> Record:
         """Turn a name, a record or a plain callable into a record of ``kind``.
 
         A callable that is a registered strategy's ``fn`` resolves to that
@@ -361,7 +553,8 @@ class Registry:
         if isinstance(value, str):
             return self.get(kind, value)
         if isinstance(value, info.record_type):
-            return value
+            record: Record = value  # type: ignore[assignment]
+            return record
         if not callable(value):
             raise ConfigError(
                 f"{key or kind} must be callable or the name of a registered "
@@ -373,7 +566,9 @@ class Registry:
         return wrap_callable(kind, value)
 
 
-def wrap_callable(kind: str, fn: Callable[..., Any]) -> Any:
+def wrap_callable(
+    kind: str, fn: Callable[..., Any]
+) -> AggregateStrategy | ReduceStrategy | MaskStrategy:
     """Wrap a plain callable in an unregistered record of ``kind``."""
     label = getattr(fn, "__qualname__", None) or type(fn).__name__
     name = f"<callable {label}>"

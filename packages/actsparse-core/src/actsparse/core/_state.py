@@ -51,6 +51,7 @@ __all__ = [
     "LayerState",
     "StateDict",
     "ThresholdResult",
+    "checked_sparse_coo",
     "convert_masks",
     "mask_to_dense",
     "mask_to_sparse",
@@ -216,13 +217,50 @@ def _to_sparse(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.is_sparse else mask.to_sparse_coo()  # type: ignore[no-untyped-call]
 
 
-def _to_dense(mask: torch.Tensor) -> torch.Tensor:
-    if mask.layout == torch.sparse_coo:
-        # Indices out of range would make to_dense() write outside the tensor.
-        torch._validate_sparse_coo_tensor_args(  # type: ignore[attr-defined]
-            mask._indices(), mask._values(), mask.shape
+def checked_sparse_coo(mask: torch.Tensor, where: str = "mask") -> torch.Tensor:
+    """``mask`` (a sparse COO tensor) rebuilt from its raw indices and values once they pass.
+
+    A sparse tensor built with ``check_invariants=False``, or read by
+    ``torch.load`` (which does not check them by default), may hold indices
+    outside its shape; ``to_dense()`` and other kernels then read and write
+    out of bounds, silently or with a segfault. Nothing here touches the
+    values before the indices are checked. The result is marked uncoalesced,
+    whatever the original claimed, so duplicate indices are summed as torch
+    defines.
+
+    Raises:
+        SerializationError: The indices are malformed or out of range (``where`` names it).
+    """
+    indices = mask._indices()
+    values = mask._values()
+    if (
+        indices.dtype != torch.int64
+        or indices.dim() != 2
+        or indices.shape[0] != mask.sparse_dim()
+        or values.shape[:1] != indices.shape[1:]
+        or values.shape[1:] != mask.shape[mask.sparse_dim() :]
+    ):
+        raise SerializationError(
+            f"{where}: a malformed sparse COO tensor: indices {tuple(indices.shape)} of "
+            f"{indices.dtype}, values {tuple(values.shape)}, shape {tuple(mask.shape)}"
         )
-        return mask.to_dense()
+    if indices.numel():
+        low = indices.amin(dim=1)
+        high = indices.amax(dim=1)
+        bounds = torch.tensor(mask.shape[: mask.sparse_dim()], dtype=torch.int64)
+        outside = (low < 0) | (high >= bounds.to(high.device))
+        if bool(outside.any()):
+            dim = int(torch.nonzero(outside)[0])
+            raise SerializationError(
+                f"{where}: sparse COO indices out of range: dimension {dim} has size "
+                f"{int(bounds[dim])}, the indices span [{int(low[dim])}, {int(high[dim])}]"
+            )
+    return torch.sparse_coo_tensor(indices, values, mask.shape, check_invariants=True)
+
+
+def _to_dense(mask: torch.Tensor, where: str = "mask") -> torch.Tensor:
+    if mask.layout == torch.sparse_coo:
+        return checked_sparse_coo(mask, where).to_dense()
     return mask
 
 
@@ -232,21 +270,21 @@ def _map_mask(mask: Mask | None, convert: Callable[[torch.Tensor], torch.Tensor]
     return None if mask is None else convert(mask)
 
 
-def mask_to_sparse(mask: torch.Tensor) -> torch.Tensor:
-    """A dense mask as a sparse COO tensor (a sparse one is returned as is)."""
+def mask_to_sparse(mask: torch.Tensor, *, where: str = "mask") -> torch.Tensor:
+    """A dense mask as a sparse COO tensor (a sparse one is checked and returned as is)."""
+    if mask.is_sparse:
+        checked_sparse_coo(mask, where)
+        return mask
     return _to_sparse(mask)
 
 
-def mask_to_dense(mask: torch.Tensor) -> torch.Tensor:
+def mask_to_dense(mask: torch.Tensor, *, where: str = "mask") -> torch.Tensor:
     """A sparse COO mask as a dense tensor, its indices checked first (a dense one as is).
 
     Raises:
-        SerializationError: The sparse tensor's indices lie outside its shape.
+        SerializationError: The sparse tensor's indices are malformed or outside its shape.
     """
-    try:
-        return _to_dense(mask)
-    except (RuntimeError, ValueError, IndexError) as exc:
-        raise SerializationError(f"not a valid sparse tensor: {exc}") from None
+    return _to_dense(mask, where)
 
 
 def convert_masks(state_dict: object, *, sparse: bool) -> dict[str, Any]:
@@ -276,8 +314,14 @@ def convert_masks(state_dict: object, *, sparse: bool) -> dict[str, Any]:
                 f"state[{name!r}]['mask'] must be None, a tensor or a list of tensors, "
                 f"got {type(mask).__name__}"
             )
-        converted = list(mask) if isinstance(mask, tuple) else mask
-        out[name] = {**entry, MASK_KEY: _map_mask(converted, convert)}
+        where = f"state[{name!r}]['mask']"
+        if isinstance(mask, (list, tuple)):
+            out[name] = {
+                **entry,
+                MASK_KEY: [convert(m, where=f"{where}[{i}]") for i, m in enumerate(mask)],
+            }
+        else:
+            out[name] = {**entry, MASK_KEY: None if mask is None else convert(mask, where=where)}
     return {**sd, "state": out}
 
 
@@ -350,12 +394,12 @@ def _mask(value: object, features: object, where: str) -> Mask | None:
             )
     elif not isinstance(value, torch.Tensor):
         raise SerializationError(f"{where} must be a tensor (the layer has no features)")
-    try:
-        if isinstance(value, torch.Tensor):
-            return _to_dense(value)
-        return [_to_dense(part) for part in parts]  # type: ignore[arg-type]
-    except (RuntimeError, ValueError, IndexError) as exc:
-        raise SerializationError(f"{where} is not a valid sparse tensor: {exc}") from None
+    if isinstance(value, torch.Tensor):
+        return _to_dense(value, where)
+    return [
+        _to_dense(part, f"{where}[{i}]")  # type: ignore[arg-type]
+        for i, part in enumerate(parts)
+    ]
 
 
 _THRESHOLD_FIELDS = frozenset(f.name for f in attrs.fields(ThresholdResult))

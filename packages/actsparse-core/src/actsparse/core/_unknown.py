@@ -21,7 +21,7 @@ BUILTIN_NAMES: Mapping[str, frozenset[str]] = {
     "reduce": frozenset({"mean", "identity", "sum", "max", "l2"}),
     "mask": frozenset({"magnitude", "threshold", "topk", "n_m", "block_norm", "target_threshold"}),
     "serializer": frozenset({"sparse_coo", "safetensors", "torch"}),
-    "kernel": frozenset({"dense"}),
+    "kernel": frozenset({"dense", "cpu_sparse"}),
 }
 
 
@@ -35,7 +35,7 @@ def _one_of(names: list[str]) -> str:
 
 
 def unknown_name_message(
-    *, kind: str, label: str, package: str, name: object, known: Iterable[str]
+    *, kind: str, label: str, package: str, name: object, known: Iterable[str], note: str = ""
 ) -> str:
     """The message of the :class:`UnknownStrategyError` for ``name``.
 
@@ -45,6 +45,8 @@ def unknown_name_message(
         package: The distribution that ships the kind's built-ins.
         name: The name asked for (anything: a non-string is unknown too).
         known: The names registered now.
+        note: Added after the package's name for a built-in name (why the
+            package, though installed, registers nothing here).
     """
     known = sorted(known)
     builtin = BUILTIN_NAMES.get(kind, frozenset())
@@ -68,7 +70,7 @@ def unknown_name_message(
         return message
     if name in builtin:
         return message + (
-            f" {name!r} is a built-in {label}: it comes with `pip install {package}`."
+            f" {name!r} is a built-in {label}: it comes with `pip install {package}`{note}."
         )
     return message + (
         " No installed plugin provides it: install the plugin that registers it, or "

@@ -16,6 +16,15 @@ from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
 from actsparse.hooks._execution import KernelWarning
 from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
+from actsparse.hooks._kernels import (
+    KernelStatus,
+    KernelUnavailableError,
+    cpu_kernel_status,
+    measure_crossover,
+    sparse_linear,
+    to_input_major,
+    to_output_major,
+)
 from actsparse.hooks._patterns import LayerRule
 from actsparse.hooks._sparsifier import ActivationSparsifier, WorkflowWarning
 from actsparse.hooks._threshold import SparsityTargetWarning
@@ -26,6 +35,8 @@ __all__ = [
     "STATE_FORMAT_VERSION",
     "ActivationSparsifier",
     "CalibrationSummary",
+    "KernelStatus",
+    "KernelUnavailableError",
     "KernelWarning",
     "LayerRule",
     "PrunedConv1d",
@@ -38,5 +49,10 @@ __all__ = [
     "__version__",
     "allocate_greedy",
     "calibrate",
+    "cpu_kernel_status",
+    "measure_crossover",
+    "sparse_linear",
+    "to_input_major",
+    "to_output_major",
     "layer_sensitivity",
 ]

@@ -54,7 +54,7 @@ class StaticMask:
         # the mask as the sparsify hook applies it (cast, and for features combined)
         self._applied: torch.Tensor | None = None
         # the last input shape the applied mask was checked against
-        self._checked: tuple[int, ...] | None = None
+        self._checked: torch.Size | None = None
         # whether the mask is the ones placeholder of the first input (no step() yet)
         self._placeholder = False
 
@@ -179,27 +179,42 @@ class StaticMask:
     def sparsify(self, layer: Layer) -> Handle:
         self._applied = None
         self._checked = None
-        dim = layer.features.dim if layer.features is not None else 0
+        if layer.features is None:
 
-        def sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            def sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
+                mask = self._applied
+                if mask is None or mask.device != x.device or mask.dtype != x.dtype:
+                    mask = self._applied = self._mask_for(layer, x)
+                    self._checked = x.shape
+                elif self._checked != x.shape:
+                    # a cached mask is checked again against every new input shape
+                    self._check_fits(layer, mask, x)
+                    self._checked = x.shape
+                return (x * mask, *args[1:])
+
+            return layer.module.register_forward_pre_hook(sparsify_hook)
+
+        dim = layer.features.dim
+
+        def sparsify_features_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
-            mask = self._applied
+            full = self._applied
             if (
-                mask is None
-                or mask.device != x.device
-                or mask.dtype != x.dtype
-                or mask.ndim != x.ndim
-                or mask.shape[dim] != x.shape[dim]
+                full is None
+                or full.device != x.device
+                or full.dtype != x.dtype
+                or full.ndim != x.ndim
+                or full.shape[dim] != x.shape[dim]
             ):
-                mask = self._applied = self._mask_for(layer, x)
-                self._checked = tuple(x.shape)
+                full = self._applied = self._mask_for(layer, x)
+                self._checked = x.shape
             elif self._checked != x.shape:
-                # a cached mask is checked again against every new input shape
-                self._check_fits(layer, mask, x)
-                self._checked = tuple(x.shape)
-            return (x * mask, *args[1:])
+                self._check_fits(layer, full, x)
+                self._checked = x.shape
+            return (x * full, *args[1:])
 
-        return layer.module.register_forward_pre_hook(sparsify_hook)
+        return layer.module.register_forward_pre_hook(sparsify_features_hook)
 
     def _check_fits(self, layer: Layer, mask: torch.Tensor, x: torch.Tensor) -> None:
         try:

@@ -27,11 +27,43 @@ from actsparse.core import (
 )
 from actsparse.serialize._packing import decode_mask, dtype_str, encode_mask, parse_dtype
 
-__all__ = ["Decoder", "Encoder", "named_state_dict"]
+__all__ = [
+    "MAX_DEPTH",
+    "Decoder",
+    "Encoder",
+    "check_text",
+    "named_state_dict",
+    "path_segment",
+]
 _RECORDS = {"aggregate": "AggregateStrategy", "reduce": "ReduceStrategy", "mask": "MaskStrategy"}
-_MAX_DEPTH = 64
+#: How deeply values may nest in a state file.
+MAX_DEPTH = 64
 #: Integers in a file are signed 64-bit, like torch's and safetensors' own.
 _INT_RANGE = range(-(2**63), 2**63)
+
+
+def check_text(text: str, where: str, *, what: str = "the string") -> None:
+    """Refuse a string that UTF-8 cannot encode (one holding a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise SerializationError(
+            f"{where}: {what} {shown!r} holds the lone surrogate U+{ord(text[exc.start]):04X} "
+            f"at index {exc.start}, which UTF-8 cannot encode; a state file holds valid "
+            "Unicode text only"
+        ) from None
+
+
+def path_segment(key: object) -> str:
+    """``key`` as one step of a path in a message: as it is, unless UTF-8 cannot hold it."""
+    if isinstance(key, str):
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            return repr(key)
+        return key
+    return str(key)
 
 
 def strategy_name(value: object, *, kind: str, where: str, key: str) -> str | None:
@@ -90,7 +122,10 @@ class Encoder:
         return name
 
     def value(self, value: Any, path: str) -> Any:
-        if value is None or isinstance(value, (bool, str)):
+        if isinstance(value, str):
+            check_text(value, path)
+            return value
+        if value is None or isinstance(value, bool):
             return value
         if isinstance(value, int):
             if value not in _INT_RANGE:
@@ -112,6 +147,8 @@ class Encoder:
             return {"$tuple": [self.value(v, f"{path}/{i}") for i, v in enumerate(value)]}
         if isinstance(value, Mapping):
             if all(isinstance(k, str) and not k.startswith("$") for k in value):
+                for k in value:
+                    check_text(k, path, what="the key")
                 return {k: self.value(v, f"{path}/{k}") for k, v in value.items()}
             return {
                 "$dict": [
@@ -148,6 +185,10 @@ class Encoder:
         for name, layer_state in sd["state"].items():
             if not isinstance(name, str):
                 raise SerializationError(f"state: layer names must be strings, got {name!r}")
+            check_text(name, "state", what="the layer name")
+            for key in layer_state:
+                if isinstance(key, str):
+                    check_text(key, f"state/{name}", what="the key")
             encoded = {
                 k: self.value(v, f"state/{name}/{k}") for k, v in layer_state.items() if k != "mask"
             }
@@ -176,16 +217,21 @@ class Decoder:
         return self.tensors[name]
 
     def value(self, value: Any, path: str, depth: int = 0) -> Any:
-        if depth > _MAX_DEPTH:
-            raise SerializationError(f"{path}: nested more than {_MAX_DEPTH} levels deep")
+        if depth > MAX_DEPTH:
+            raise SerializationError(f"{path}: nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, int) and not isinstance(value, bool) and value not in _INT_RANGE:
             raise SerializationError(f"{path}: {value} does not fit in a signed 64-bit int")
-        if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, str):
+            check_text(value, path)
+            return value
+        if value is None or isinstance(value, (bool, int, float)):
             return value
         if isinstance(value, list):
             return [self.value(v, f"{path}/{i}", depth + 1) for i, v in enumerate(value)]
         if not isinstance(value, dict):
             raise SerializationError(f"{path}: unexpected {type(value).__name__}")
+        for key in value:
+            check_text(key, path, what="the key")
         if len(value) == 1:
             ((tag, body),) = value.items()
             if tag.startswith("$"):
@@ -229,6 +275,8 @@ class Decoder:
         missing = [key for key in STATE_KEYS if key not in doc]
         if missing:
             raise SerializationError(f"the stored state lacks {', '.join(map(repr, missing))}")
+        for key in doc:
+            check_text(key, "the stored state", what="the key")
         out: dict[str, Any] = {key: self.value(value, key) for key, value in doc.items()}
         out = check_loaded(out)
         unused = sorted(set(self.tensors) - self.used)

@@ -20,6 +20,15 @@ from actsparse.core import (
     get_registry,
 )
 from actsparse.serialize._codec import map_tensors
+from actsparse.serialize._formats import (
+    check_header,
+    check_torch_zip,
+    is_torch_zip,
+    safetensors_loads,
+    torch_loads,
+)
+from actsparse.serialize._limits import element_cap
+from actsparse.serialize._safetensors import header_length
 
 __all__ = ["DEFAULT_FORMAT", "detect_format", "load", "load_into", "save"]
 
@@ -140,20 +149,105 @@ def save(obj: object, path: PathLike, *, format: str | None = None) -> Path:
     return target
 
 
-def _read(path: Path) -> bytearray:
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        buf = bytearray(size)
-        view = memoryview(buf)
-        filled = 0
-        while filled < size:
-            count = fh.readinto(view[filled:])
-            if not count:
-                break
-            filled += count
-    if filled != size:
-        raise SerializationError(f"{path}: the file shrank while it was read")
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+# O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOCTTY: a terminal
+# never becomes the controlling one. Both are no-ops for the regular files kept.
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_BINARY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+)
+
+
+def _check_regular(path: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    raise SerializationError(
+        f"{path}: is {kind}, not a regular file; state files are read from regular files only"
+    )
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """Open ``path`` for reading if it is a regular file; refuse anything else at once.
+
+    ``stat`` first, so that nothing else is even opened; ``fstat`` after the
+    (non-blocking) open, in case the path was swapped in between.
+    """
+    _check_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_into(fh: IO[bytes], view: memoryview) -> None:
+    filled = 0
+    while filled < len(view):
+        count = fh.readinto(view[filled:])  # type: ignore[attr-defined]
+        if not count:
+            raise SerializationError("the file shrank while it was read")
+        filled += count
+
+
+def _read_exact(fh: IO[bytes], count: int) -> bytearray:
+    buf = bytearray(count)
+    _read_into(fh, memoryview(buf))
     return buf
+
+
+def _peek(fh: IO[bytes], count: int) -> bytes:
+    data = fh.read(count)
+    fh.seek(0)
+    return data
+
+
+def _read_safetensors(fh: IO[bytes], size: int) -> bytearray:
+    """Read the length field, then the header, check both, and only then the data."""
+    prefix = _read_exact(fh, min(size, 8))
+    length = header_length(prefix, size)
+    head = prefix + _read_exact(fh, length)
+    check_header(head, size)
+    buf = bytearray(size)
+    buf[: len(head)] = head
+    _read_into(fh, memoryview(buf)[len(head) :])
+    return buf
+
+
+def _read_torch(fh: IO[bytes], size: int) -> bytearray:
+    """Check the zip's declared sizes from its central directory, then read the file."""
+    if not is_torch_zip(_peek(fh, 4)):
+        raise SerializationError("not a torch zip file (torch.save writes zip files)")
+    check_torch_zip(fh, size)
+    fh.seek(0)
+    return _read_exact(fh, size)
+
+
+def _read(fh: IO[bytes], size: int, where: Path, serializer: Serializer) -> bytearray:
+    """The file's bytes, read only as far as the format's own checks allow."""
+    try:
+        if serializer.loads is safetensors_loads:
+            return _read_safetensors(fh, size)
+        if serializer.loads is torch_loads:
+            return _read_torch(fh, size)
+        return _read_exact(fh, size)  # another plugin's format: its own checks apply
+    except SerializationError as exc:
+        raise SerializationError(f"{where}: {exc}") from None
+    except MemoryError:
+        raise SerializationError(
+            f"{where}: there is not enough memory to read its {size} bytes"
+        ) from None
 
 
 def detect_format(head: bytes | bytearray, *, source: object = "the file") -> str:
@@ -198,32 +292,49 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def load(
-    path: PathLike, *, format: str | None = None, map_location: Device = None
+    path: PathLike,
+    *,
+    format: str | None = None,
+    map_location: Device = None,
+    max_elements: int | None = None,
 ) -> dict[str, Any]:
     """Read a state file into a state dict that ``load_state_dict`` accepts.
 
     Args:
-        path: The file.
+        path: The file; it must be a regular file (a FIFO, a device or a
+            directory is refused at once).
         format: The format to read; ``None`` asks every registered format's
             ``sniff`` which one the file is in.
         map_location: The device for every tensor (masks and aggregated data);
             ``None`` keeps them on the CPU.
+        max_elements: The most elements the file may declare, masks counted
+            at their full shape (see docs/formats.md); ``None`` reads
+            ``ACTSPARSE_MAX_ELEMENTS``, else 2**28.
 
     Raises:
         SerializationError: The file is truncated, corrupted, of an unknown
-            format version, or not a state file; the message names the file.
+            format version, not a state file, not a regular file, or declares
+            more than the caps allow; the message names the file.
+        ConfigError: ``max_elements`` (or ``ACTSPARSE_MAX_ELEMENTS``) is not
+            a positive int.
         OSError: The file cannot be opened.
     """
     source = Path(path)
-    buf = _read(source)
-    name = detect_format(buf, source=source) if format is None else format
-    serializer = _serializer(name, source)
-    try:
-        state_dict: dict[str, Any] = serializer.loads(buf)
-    except SerializationError as exc:
-        raise SerializationError(f"{source}: {exc}") from None
-    except Exception as exc:
-        raise SerializationError(f"{source}: cannot be read as {name!r}: {exc!r}") from exc
+    with element_cap(max_elements), _open_regular(source) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        name = detect_format(_peek(fh, SNIFF_BYTES), source=source) if format is None else format
+        serializer = _serializer(name, source)
+        buf = _read(fh, size, source, serializer)
+        try:
+            state_dict: dict[str, Any] = serializer.loads(buf)
+        except SerializationError as exc:
+            raise SerializationError(f"{source}: {exc}") from None
+        except MemoryError:
+            raise SerializationError(
+                f"{source}: there is not enough memory to load it as {name!r}"
+            ) from None
+        except Exception as exc:
+            raise SerializationError(f"{source}: cannot be read as {name!r}: {exc!r}") from exc
     if map_location is not None:
         device = torch.device(map_location)
         state_dict = map_tensors(state_dict, lambda t: _to_device(t, device))
@@ -231,7 +342,12 @@ def load(
 
 
 def load_into(
-    sparsifier: Any, path: PathLike, *, format: str | None = None, map_location: Device = None
+    sparsifier: Any,
+    path: PathLike,
+    *,
+    format: str | None = None,
+    map_location: Device = None,
+    max_elements: int | None = None,
 ) -> None:
     """``sparsifier.load_state_dict(load(path))``, with the file named in any error.
 
@@ -241,6 +357,7 @@ def load_into(
         path: The file.
         format: The format to read; ``None`` detects it (see :func:`load`).
         map_location: The device for every tensor; ``None`` keeps the CPU.
+        max_elements: Caps what the file may declare, as for :func:`load`.
 
     Raises:
         SerializationError: The file cannot be read (see :func:`load`), or a
@@ -252,7 +369,7 @@ def load_into(
 
     On any error the sparsifier is unchanged.
     """
-    state_dict = load(path, format=format, map_location=map_location)
+    state_dict = load(path, format=format, map_location=map_location, max_elements=max_elements)
     try:
         sparsifier.load_state_dict(state_dict)
     except ActsparseError as exc:

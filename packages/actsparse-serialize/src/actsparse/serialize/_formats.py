@@ -10,16 +10,32 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pickle
 import zipfile
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from actsparse.core import STATE_KEYS, SerializationError
-from actsparse.serialize._codec import Decoder, Encoder, check_loaded, named_state_dict
+from actsparse.serialize._codec import (
+    MAX_DEPTH,
+    Decoder,
+    Encoder,
+    check_loaded,
+    named_state_dict,
+    path_segment,
+)
+from actsparse.serialize._limits import (
+    BYTES_PER_ELEMENT,
+    MAX_ELEMENTS_ENV_VAR,
+    check_elements,
+    max_elements,
+)
 from actsparse.serialize._safetensors import (
+    DTYPES,
+    MAX_HEADER_BYTES,
     TensorEntry,
     parse_header,
     tensor_at,
@@ -29,6 +45,9 @@ from actsparse.serialize._safetensors import (
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "check_header",
+    "check_torch_zip",
+    "declared_elements",
     "is_safetensors",
     "is_torch_zip",
     "safetensors_dumps",
@@ -70,6 +89,11 @@ def _digest(entries: list[TensorEntry], state_json: str, data: memoryview) -> st
 def pack(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes:
     """A signed safetensors file holding ``doc`` (JSON-ready) and ``tensors``."""
     state_json = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return pack_text(state_json, tensors)
+
+
+def pack_text(state_json: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """A signed safetensors file whose state is the text ``state_json``, taken as it is."""
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -81,10 +105,8 @@ def pack(doc: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes:
     return write_safetensors(tensors, metadata)
 
 
-def unpack(buf: bytes | bytearray) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Check a file and return its document (parsed JSON) and tensor table."""
-    data = buf if isinstance(buf, bytearray) else bytearray(buf)
-    entries, metadata, start = parse_header(data)
+def _state_text(metadata: Mapping[str, str]) -> tuple[str, str]:
+    """The state JSON and checksum of a file's metadata, once its format and version pass."""
     if metadata.get("format") != FORMAT_NAME:
         raise SerializationError(
             f"not an actsparse state file: __metadata__['format'] is "
@@ -100,12 +122,79 @@ def unpack(buf: bytes | bytearray) -> tuple[Any, dict[str, torch.Tensor]]:
     checksum = metadata.get("checksum")
     if state_json is None or checksum is None:
         raise SerializationError("the file's __metadata__ lacks 'state' or 'checksum'")
-    if _digest(entries, state_json, memoryview(data)[start:]) != checksum:
-        raise SerializationError("the checksum does not match the contents: the file is corrupted")
+    return state_json, checksum
+
+
+def _parse_state(state_json: str) -> Any:
     try:
-        doc = json.loads(state_json)
+        return json.loads(state_json)
     except (ValueError, RecursionError) as exc:
         raise SerializationError(f"the stored state is not valid JSON: {exc}") from None
+
+
+def _shape_elements(shape: object) -> int:
+    """The elements of a claimed shape; 0 for a malformed one (the decoder refuses it)."""
+    if (
+        isinstance(shape, list)
+        and len(shape) <= MAX_DEPTH
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    ):
+        return math.prod(shape)
+    return 0
+
+
+def declared_elements(doc: Any, entries: list[TensorEntry]) -> int:
+    """The elements that a document and its tensor table declare, before any is decoded.
+
+    A mask counts its full shape, or its stored tensor where that is larger
+    (the decoder refuses such a mask, but only after the data is read); every
+    tensor that is not a mask's storage counts its own elements.
+    """
+    held = {entry.name: entry.numel for entry in entries}
+    stored: set[str] = set()
+    total = 0
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            continue  # the decoder refuses it
+        if isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node)
+        elif isinstance(node, dict):
+            record = node.get("$mask") if len(node) == 1 else None
+            if isinstance(record, dict):
+                name = record.get("tensor")
+                own = held.get(name, 0) if isinstance(name, str) else 0
+                if isinstance(name, str):
+                    stored.add(name)
+                total += max(_shape_elements(record.get("shape")), own)
+            else:
+                stack.extend((value, depth + 1) for value in node.values())
+    return total + sum(count for name, count in held.items() if name not in stored)
+
+
+def check_header(head: bytes | bytearray, size: int) -> None:
+    """Check everything a file's beginning (length field and header) says, before its data.
+
+    ``size`` is the size of the whole file. The format, its version, the
+    tensor table against ``size`` and the elements the state declares against
+    the cap (see :mod:`actsparse.serialize._limits`) are checked, so that a
+    reader need not read a data section that would be refused anyway.
+    """
+    entries, metadata, _ = parse_header(head, size)
+    state_json, _ = _state_text(metadata)
+    check_elements(declared_elements(_parse_state(state_json), entries), max_elements())
+
+
+def unpack(buf: bytes | bytearray) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Check a file and return its document (parsed JSON) and tensor table."""
+    data = buf if isinstance(buf, bytearray) else bytearray(buf)
+    entries, metadata, start = parse_header(data)
+    state_json, checksum = _state_text(metadata)
+    if _digest(entries, state_json, memoryview(data)[start:]) != checksum:
+        raise SerializationError("the checksum does not match the contents: the file is corrupted")
+    doc = _parse_state(state_json)
+    check_elements(declared_elements(doc, entries), max_elements())
     return doc, {e.name: tensor_at(data, e, start) for e in entries}
 
 
@@ -147,13 +236,88 @@ def _torch_checksum(state_dict: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(safetensors_dumps(state_dict)).hexdigest()
 
 
+def check_torch_zip(source: IO[bytes], size: int) -> None:
+    """Check the sizes a torch zip declares before ``torch.load`` reads (and inflates) it.
+
+    The pickled state may take at most as many bytes as a safetensors header
+    (16 MiB), and the members together at most 8 bytes for each element the
+    cap allows plus 16 MiB; so may the file itself.
+    """
+    cap = max_elements()
+    budget = BYTES_PER_ELEMENT * cap + MAX_HEADER_BYTES
+    remedy = (
+        f"by max_elements={cap}; a file that you trust can be loaded with a larger "
+        f"load(..., max_elements=...) or {MAX_ELEMENTS_ENV_VAR}"
+    )
+    if size > budget:
+        raise SerializationError(
+            f"the file holds {size} bytes, more than the {budget} allowed {remedy}"
+        )
+    try:
+        with zipfile.ZipFile(source) as archive:
+            members = archive.infolist()
+    except Exception as exc:  # zipfile parses untrusted bytes: any failure is a bad file
+        raise SerializationError(f"not a readable torch file: {exc!r}") from None
+    total = 0
+    for member in members:
+        if member.filename.rsplit("/", 1)[-1] == "data.pkl" and member.file_size > MAX_HEADER_BYTES:
+            raise SerializationError(
+                f"zip member {member.filename!r} declares {member.file_size} uncompressed bytes, "
+                f"more than the {MAX_HEADER_BYTES} allowed for the pickled state"
+            )
+        total += member.file_size
+        if total > budget:
+            raise SerializationError(
+                f"zip member {member.filename!r} declares {member.file_size} uncompressed bytes, "
+                f"which brings the members to {total}, more than the {budget} allowed {remedy}"
+            )
+
+
+def _torch_elements(value: Any, where: str) -> int:
+    """Check every tensor in a loaded payload (dense, CPU, a storable dtype) and count them."""
+    total = 0
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise SerializationError(f"{path}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, torch.Tensor):
+            if node.layout != torch.strided:
+                layout = str(node.layout).removeprefix("torch.")
+                raise SerializationError(
+                    f"{path}: a {layout} tensor; a torch-format state file holds dense "
+                    "(strided) tensors only"
+                )
+            if node.dtype not in _STORABLE or node.device.type != "cpu":
+                raise SerializationError(
+                    f"{path}: a {node.dtype} tensor on {node.device} cannot be part of a state file"
+                )
+            total += node.numel()
+        elif isinstance(node, dict):
+            stack.extend((v, f"{path}/{path_segment(k)}", depth + 1) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, f"{path}/{i}", depth + 1) for i, v in enumerate(node))
+    return total
+
+
+_STORABLE = frozenset(DTYPES.values())
+
+
 def torch_loads(buf: bytes | bytearray) -> dict[str, Any]:
-    """Read a torch-style file with ``weights_only=True``: a pickle of code is refused."""
+    """Read a torch-style file with ``weights_only=True``: a pickle of code is refused.
+
+    Before ``torch.load`` the zip's declared sizes are checked; ``torch.load``
+    runs with sparse-tensor invariant checks on; then every tensor must be
+    dense and the total within the element cap before the checksum (which
+    reads every tensor) is compared.
+    """
     if not is_torch_zip(bytes(buf[:4])):
         # torch.load would fall back to its legacy (bare pickle) reader; never go there.
         raise SerializationError("not a torch zip file (torch.save writes zip files)")
+    check_torch_zip(io.BytesIO(buf), len(buf))
     try:
-        payload = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
+        with torch.sparse.check_sparse_tensor_invariants():  # type: ignore[no-untyped-call]
+            payload = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise SerializationError(
             f"torch.load(weights_only=True) refused the file (it may carry code): {exc}"
@@ -173,6 +337,8 @@ def torch_loads(buf: bytes | bytearray) -> dict[str, Any]:
     sd = payload.get("state_dict")
     if not isinstance(sd, dict) or any(key not in sd for key in STATE_KEYS):
         raise SerializationError(f"the file's state_dict lacks one of {', '.join(STATE_KEYS)}")
-    if payload.get("checksum") != _torch_checksum(sd):
+    check_elements(_torch_elements(sd, "state_dict"), max_elements())
+    checked = check_loaded(sd)
+    if payload.get("checksum") != _torch_checksum(checked):
         raise SerializationError("the checksum does not match the contents: the file is corrupted")
-    return check_loaded(sd)
+    return checked

@@ -11,19 +11,25 @@ from typing import Any
 
 import torch
 
-from actsparse.core import convert_masks, mask_to_dense, mask_to_sparse
+from actsparse.core import checked_sparse_coo, convert_masks, mask_to_dense, mask_to_sparse
 
-__all__ = ["dense_masks", "from_sparse_coo", "sparse_coo_masks", "to_sparse_coo"]
+__all__ = [
+    "checked_sparse_coo",
+    "dense_masks",
+    "from_sparse_coo",
+    "sparse_coo_masks",
+    "to_sparse_coo",
+]
 
 
-def to_sparse_coo(mask: torch.Tensor) -> torch.Tensor:
-    """A dense mask as a sparse COO tensor (a sparse one is returned as is)."""
-    return mask_to_sparse(mask)
+def to_sparse_coo(mask: torch.Tensor, *, where: str = "mask") -> torch.Tensor:
+    """A dense mask as a sparse COO tensor (a sparse one is checked and returned)."""
+    return mask_to_sparse(mask, where=where)
 
 
-def from_sparse_coo(mask: torch.Tensor) -> torch.Tensor:
-    """A sparse COO (or dense) mask as a dense tensor; its indices are checked first."""
-    return mask_to_dense(mask)
+def from_sparse_coo(mask: torch.Tensor, *, where: str = "mask") -> torch.Tensor:
+    """A sparse COO (or dense) mask as a dense tensor; the indices are checked first."""
+    return mask_to_dense(mask, where=where)
 
 
 def _as_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:

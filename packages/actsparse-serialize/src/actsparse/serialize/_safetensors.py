@@ -28,6 +28,7 @@ __all__ = [
     "DTYPES",
     "MAX_HEADER_BYTES",
     "TensorEntry",
+    "header_length",
     "parse_header",
     "read_safetensors",
     "write_safetensors",
@@ -125,6 +126,11 @@ class TensorEntry:
         """A canonical, JSON-ready description (used for checksums)."""
         return [self.name, _NAMES[self.dtype], list(self.shape), self.begin, self.end]
 
+    @property
+    def numel(self) -> int:
+        """The number of elements the entry holds."""
+        return (self.end - self.begin) // self.dtype.itemsize
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -169,19 +175,17 @@ def _entry(name: str, raw: object, data_len: int) -> TensorEntry:
     return TensorEntry(name, torch_dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def parse_header(buf: bytes | bytearray) -> tuple[list[TensorEntry], dict[str, str], int]:
-    """Check the header of a safetensors file held in ``buf``.
+def header_length(prefix: bytes | bytearray, size: int) -> int:
+    """The header length that a file of ``size`` bytes starting with ``prefix`` declares.
 
-    Returns the tensor entries (sorted by offset), the metadata and where the
-    data section starts. Nothing is allocated in proportion to what the
-    header claims.
+    Checked against :data:`MAX_HEADER_BYTES` and against ``size``, so that a
+    reader can read the first 8 bytes of a file, then exactly this many.
     """
-    size = len(buf)
-    if size < _LENGTH.size:
+    if size < _LENGTH.size or len(prefix) < _LENGTH.size:
         raise SerializationError(
             f"the file holds {size} bytes, fewer than the 8-byte header length"
         )
-    (length,) = _LENGTH.unpack_from(buf)
+    (length,) = _LENGTH.unpack_from(prefix)
     if length > MAX_HEADER_BYTES:
         raise SerializationError(
             f"the header claims {length} bytes, more than the {MAX_HEADER_BYTES} "
@@ -192,7 +196,24 @@ def parse_header(buf: bytes | bytearray) -> tuple[list[TensorEntry], dict[str, s
             f"the header claims {length} bytes but the file holds only {size - _LENGTH.size} "
             "after the length field (truncated?)"
         )
+    return int(length)
+
+
+def parse_header(
+    buf: bytes | bytearray, size: int | None = None
+) -> tuple[list[TensorEntry], dict[str, str], int]:
+    """Check the header of a safetensors file held in ``buf``.
+
+    Returns the tensor entries (sorted by offset), the metadata and where the
+    data section starts. Nothing is allocated in proportion to what the
+    header claims. ``size`` is the size of the whole file when ``buf`` holds
+    only its beginning (the length field and the header).
+    """
+    size = len(buf) if size is None else size
+    length = header_length(buf, size)
     start = _LENGTH.size + length
+    if len(buf) < start:
+        raise SerializationError(f"the buffer holds {len(buf)} bytes, not the whole header")
     try:
         header = json.loads(bytes(buf[_LENGTH.size : start]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
