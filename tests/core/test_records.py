@@ -23,6 +23,7 @@ from actsparse.core import (
     ReduceStrategy,
     Serializer,
     infer_params,
+    split_sparse_config,
 )
 
 
@@ -52,6 +53,8 @@ CALLABLE_FIELDS = [
     ("MaskStrategy", "fn"),
     ("Serializer", "dumps"),
     ("Serializer", "loads"),
+    ("AggregateStrategy", "check"),
+    ("MaskStrategy", "check"),
 ]
 
 # Fields that attrs checks with instance_of: (record type, field, a wrong value).
@@ -294,6 +297,61 @@ def test_check_config_message_example() -> None:
     assert re.search(r"unknown key\(s\) 'sparsity'", message)
     assert re.search(r"missing key\(s\) 'sparsity_level'", message)
     assert message.endswith("it accepts 'sparsity_level'")
+
+
+# ------------------------------------------------------------- value checks
+
+
+def _level_check(options: Any) -> None:
+    level = options.get("level")
+    if not isinstance(level, float):
+        raise ConfigError(f"level must be a float, got {level!r}")
+
+
+def test_a_value_check_runs_after_the_key_check_and_names_layer_strategy_and_key() -> None:
+    record = MaskStrategy(
+        name="levelled", fn=_ident, params={"level"}, required={"level"}, check=_level_check
+    )
+    record.check_config({"level": 0.5}, layer="a.b")
+    with pytest.raises(ConfigError) as info:
+        record.check_config({"level": "0.5"}, layer="a.b")
+    assert str(info.value) == (
+        "layer 'a.b': sparse_config for mask strategy 'levelled': level must be a float, got '0.5'"
+    )
+    with pytest.raises(ConfigError, match=r"missing key\(s\) 'level'"):
+        record.check_config({}, layer="a.b")  # the key check comes first
+
+
+def test_split_sparse_config_checks_both_strategies_values() -> None:
+    aggregate = AggregateStrategy(name="agg", fn=_fold, params={"level"}, check=_level_check)
+    mask = MaskStrategy(name="msk", fn=_ident, params={"k"}, check=lambda o: None)
+    assert split_sparse_config(aggregate, mask, {"level": 1.0, "k": 1}, layer="x") == (
+        {"level": 1.0},
+        {"k": 1},
+    )
+    with pytest.raises(ConfigError, match=r"^layer 'x': sparse_config for aggregate strategy "):
+        split_sparse_config(aggregate, mask, {"level": 1, "k": 1}, layer="x")
+
+
+@pytest.mark.parametrize("raised", [TypeError("'<' not supported"), ValueError("bad")])
+def test_a_check_that_raises_a_builtin_error_is_reported_as_a_config_error(
+    raised: Exception,
+) -> None:
+    def check(options: Any) -> None:
+        raise raised
+
+    record = MaskStrategy(name="strict", fn=_ident, check=check)
+    with pytest.raises(ConfigError, match=r"layer 'x': sparse_config for mask strategy 'strict'"):
+        record.check_config({}, layer="x")
+
+
+def test_a_check_receives_a_copy() -> None:
+    def check(options: Any) -> None:
+        options["sneaky"] = 1
+
+    config = {"k": 1}
+    MaskStrategy(name="m", fn=_ident, check=check).check_config(config, layer="x")
+    assert config == {"k": 1}
 
 
 def test_check_config_with_no_accepted_keys() -> None:

@@ -33,6 +33,7 @@ from actsparse.core import (
     register_plugin,
     unregister_plugin,
 )
+from actsparse.core._unknown import BUILTIN_NAMES
 
 HOOKS = {
     "aggregate": "actsparse_aggregate_strategies",
@@ -339,7 +340,7 @@ def test_a_hook_building_an_invalid_record_is_a_plugin_error() -> None:
     known=st.lists(record_names, unique=True, max_size=5),
     asked=record_names,
 )
-def test_unknown_name_lists_known_names_and_the_package(
+def test_unknown_name_lists_known_names_and_the_package_of_a_builtin(
     kind: str, known: list[str], asked: str
 ) -> None:
     registry = registry_of(("p", returning(kind, *known)))
@@ -350,7 +351,8 @@ def test_unknown_name_lists_known_names_and_the_package(
         registry.get(kind, asked)
     message = str(info.value)
     assert f"unknown {LABELS[kind]} {asked!r}" in message
-    assert f"pip install {PACKAGES[kind]}" in message
+    # the package is named for a built-in name only (a third party's name is not in it)
+    assert (f"`pip install {PACKAGES[kind]}`." in message) == (asked in BUILTIN_NAMES[kind])
     listed = message.split("known: ", 1)[1]
     if known:
         assert listed.startswith(", ".join(repr(n) for n in sorted(known)) + ".")

@@ -101,7 +101,7 @@ def test_unknown_strategy_name_lists_known_and_package() -> None:
     _expect(
         UnknownStrategyError,
         ValueError,
-        r"unknown mask strategy 'nope'.*'magnitude'.*pip install actsparse-masks",
+        r"unknown mask strategy 'nope'; known: .*'magnitude'.*No installed plugin provides it",
         lambda: s.register_layer(model.first, mask_fn="nope"),
         model,
         s,

@@ -17,6 +17,14 @@ from _seed import SeedCNN
 from _support import same_state
 
 import actsparse.serialize as serialize
+from actsparse.core import (
+    MaskStrategy,
+    Registry,
+    UnknownStrategyError,
+    hookimpl,
+    register_plugin,
+    unregister_plugin,
+)
 from actsparse.hooks import ActivationSparsifier
 
 FORMATS = ["safetensors", "torch"]
@@ -175,3 +183,56 @@ def test_torch_ao_sparsifier_with_registered_functions_saves(tmp_path: Path) -> 
     serialize.load_into(ours, path)
     assert same_state(ours.get_mask("identity1"), theirs.get_mask("identity1"))
     assert same_state(ours.get_mask("linear1"), theirs.get_mask("linear1"))
+
+
+def _keep_positive(data: torch.Tensor) -> torch.Tensor:
+    return (data > 0).to(data.dtype)
+
+
+class _ThirdParty:
+    @hookimpl
+    def actsparse_mask_strategies(self) -> list[MaskStrategy]:
+        return [MaskStrategy(name="acme_keep_positive", fn=_keep_positive, params=())]
+
+
+def test_a_file_naming_a_strategy_that_is_not_installed_says_so(tmp_path: Path) -> None:
+    plugin = _ThirdParty()
+    register_plugin(plugin, name="acme-masks")
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        sparsifier = ActivationSparsifier(
+            model, aggregate_fn="sum", reduce_fn="mean", mask_fn="acme_keep_positive"
+        )
+        sparsifier.register_layer(model[0])
+        model(torch.randn(2, 4))
+        sparsifier.step()
+        path = serialize.save(sparsifier, tmp_path / "acme.safetensors")
+    finally:
+        unregister_plugin(plugin)
+    target = ActivationSparsifier(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(UnknownStrategyError) as info:
+        serialize.load_into(target, path)
+    message = str(info.value)
+    assert message.startswith(
+        f"{path}: the state dict names a strategy that is not installed here: layer '0': "
+        "unknown mask strategy 'acme_keep_positive'"
+    )
+    assert "No installed plugin provides it: install the plugin that registers it" in message
+    assert "pip install" not in message  # actsparse-masks would not provide it
+    assert target.data_groups == {}
+
+
+def test_a_file_naming_a_builtin_says_which_package_ships_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    sparsifier = ActivationSparsifier(
+        model, aggregate_fn="sum", reduce_fn="mean", mask_fn="magnitude", sparsity_level=0.5
+    )
+    sparsifier.register_layer(model[0])
+    path = serialize.save(sparsifier, tmp_path / "builtin.safetensors")
+    sd = serialize.load(path)
+    without_masks = Registry()  # only what the state file needs besides the strategies
+    monkeypatch.setattr("actsparse.hooks._sparsifier.get_registry", lambda: without_masks)
+    with pytest.raises(UnknownStrategyError, match=r"it comes with `pip install actsparse-masks`"):
+        ActivationSparsifier(torch.nn.Sequential(torch.nn.Linear(4, 4))).load_state_dict(sd)

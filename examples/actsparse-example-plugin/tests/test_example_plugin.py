@@ -48,3 +48,11 @@ def test_its_keys_are_checked_at_registration() -> None:
     s = ActivationSparsifier(model, aggregate_fn="active_rate", reduce_fn="identity")
     with pytest.raises(ConfigError, match=r"'keep_positive'.*unknown key\(s\) 'margn'"):
         s.register_layer(model[0], mask_fn="keep_positive", margn=0.1)
+
+
+def test_its_values_are_checked_at_registration() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    s = ActivationSparsifier(model, aggregate_fn="active_rate", reduce_fn="identity")
+    with pytest.raises(ConfigError, match=r"'keep_positive': margin must be a number, got '0.1'"):
+        s.register_layer(model[0], mask_fn="keep_positive", margin="0.1")
+    assert s.data_groups == {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from _misuse_table import (
     Misuse,
@@ -15,7 +17,9 @@ from _misuse_table import (
 from torch import nn
 
 from actsparse.core import ConfigError, LayerNotFoundError, UnknownStrategyError
-from actsparse.hooks import ActivationSparsifier
+from actsparse.hooks import ActivationSparsifier, WorkflowWarning
+
+NAN = math.nan
 
 CASES: dict[str, Misuse] = {
     "model is not a module": Misuse(
@@ -88,7 +92,8 @@ CASES: dict[str, Misuse] = {
         lambda: with_first({"aggregate_fn": "median"}, "register"),
         UnknownStrategyError,
         KeyError,
-        r"layer 'first': unknown aggregate strategy 'median'; known: .*'sum'",
+        r"layer 'first': unknown aggregate strategy 'median' \(did you mean 'mean'.*\?\); "
+        r"known: .*'sum'",
     ),
     "unknown strategy parameter": Misuse(
         lambda: with_first({"level": 0.3}, "register"),
@@ -107,6 +112,93 @@ CASES: dict[str, Misuse] = {
         ConfigError,
         ValueError,
         r"missing key\(s\) 'sparsity_level'",
+    ),
+    # ---- sparse_config values, checked by the strategy's check at registration
+    "sparsity_level a string": Misuse(
+        lambda: with_first({"sparsity_level": "0.5"}, "register"),
+        ConfigError,
+        ValueError,
+        r"layer 'first': sparse_config for mask strategy 'magnitude': sparsity_level must be "
+        r"a number in \[0, 1\], got '0.5'",
+    ),
+    "sparsity_level out of range": Misuse(
+        lambda: with_first({"sparsity_level": 1.5}, "register"),
+        ConfigError,
+        AssertionError,
+        r"layer 'first': .*'magnitude': sparsity_level must lie in \[0, 1\], got 1.5",
+    ),
+    "sparsity_level NaN in the defaults": Misuse(
+        lambda: after(
+            calibrated,
+            lambda m, s: ActivationSparsifier(
+                m, aggregate_fn="sum", reduce_fn="mean", mask_fn="magnitude", sparsity_level=NAN
+            ).register_layer(m.first),
+        ),
+        ConfigError,
+        ValueError,
+        "sparsity_level must be a number",
+    ),
+    "topk without k or fraction": Misuse(
+        lambda: after(
+            calibrated,
+            lambda m, s: ActivationSparsifier(
+                m, aggregate_fn="sum", reduce_fn="mean", mask_fn="topk"
+            ).register_layer(m.first),
+        ),
+        ConfigError,
+        ValueError,
+        r"layer 'first': sparse_config for mask strategy 'topk': topk needs exactly one of k "
+        r"and fraction, got neither",
+    ),
+    "topk with both k and fraction": Misuse(
+        lambda: after(
+            calibrated,
+            lambda m, s: ActivationSparsifier(
+                m, aggregate_fn="sum", reduce_fn="mean", mask_fn="topk"
+            ).register_layer(m.first, k=2, fraction=0.5),
+        ),
+        ConfigError,
+        ValueError,
+        r"'topk': topk needs exactly one of k and fraction, got k=2 and fraction=0.5",
+    ),
+    "n_m with n > m": Misuse(
+        lambda: after(
+            calibrated,
+            lambda m, s: ActivationSparsifier(
+                m, aggregate_fn="sum", reduce_fn="mean", mask_fn="n_m"
+            ).register_layer(m.first, n=4, m=2),
+        ),
+        ConfigError,
+        ValueError,
+        r"'n_m': n must be an int in \[0, m=2\], got 4",
+    ),
+    "block_norm with a bad block shape": Misuse(
+        lambda: with_first({"mask_fn": "block_norm", "sparse_block_shape": (2, 0)}, "register"),
+        ConfigError,
+        ValueError,
+        r"'block_norm': sparse_block_shape must be two positive ints, got \(2, 0\)",
+    ),
+    "threshold mode with a level out of range": Misuse(
+        lambda: with_first(
+            {
+                "aggregate_fn": "abs_histogram",
+                "reduce_fn": "identity",
+                "mask_fn": "target_threshold",
+                "sparsity_level": -0.1,
+            },
+            "register",
+        ),
+        ConfigError,
+        ValueError,
+        r"'target_threshold': sparsity_level must lie in \[0, 1\], got -0.1",
+    ),
+    "aggregate option of the wrong type": Misuse(
+        lambda: with_first(
+            {"aggregate_fn": "abs_mean", "reduce_fn": "identity", "sample_dims": "0"}, "register"
+        ),
+        ConfigError,
+        ValueError,
+        r"aggregate strategy 'abs_mean': sample_dims must be an int or a list of ints, got '0'",
     ),
     "register_layers: two rules select one layer": Misuse(
         lambda: after(
@@ -153,7 +245,12 @@ def test_misuse_raises_and_changes_nothing(case: Misuse) -> None:
 def test_registering_a_layer_twice_warns_and_replaces_its_hook_and_data() -> None:
     model, s = calibrated()
     old_hook = s.data_groups["first"]["hook"]
-    with pytest.warns(UserWarning, match="layer 'first' is already registered"):
+    with pytest.warns(
+        WorkflowWarning,
+        match=r"layer 'first' is already registered: registering it again replaces its "
+        r"configuration and discards its aggregated data and mask; .*"
+        r"sparsifier.update_config\(name, key=value\)",
+    ):
         s.register_layer(model.first, sparsity_level=0.25)
     assert list(model.first._forward_pre_hooks) == [s.data_groups["first"]["hook"].id]
     assert s.data_groups["first"]["hook"] is not old_hook

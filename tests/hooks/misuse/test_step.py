@@ -109,12 +109,6 @@ CASES: dict[str, Misuse] = {
         ValueError,
         r"layer 'first': computing the mask .* failed: ArithmeticError\('no'\)",
     ),
-    "sparsity_level out of range": Misuse(
-        lambda: with_first({"sparsity_level": 1.5}, "step"),
-        MaskError,
-        ValueError,
-        r"sparsity_level must lie in \[0, 1\]",
-    ),
     # ---- the aggregated data
     "NaN activations": Misuse(
         _nan_input,

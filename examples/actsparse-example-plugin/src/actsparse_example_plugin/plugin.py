@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from actsparse.core import AggregateStrategy, ConfigError, MaskStrategy, hookimpl
@@ -35,10 +38,16 @@ def rate_feature_axis(dim: int, ndim: int) -> int:
 # -------------------------------------------------------------------- mask
 
 
-def keep_positive(data: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """Ones where ``data > margin``, zeros elsewhere, in ``data``'s dtype."""
+def check_margin(options: Mapping[str, Any]) -> None:
+    """The record's ``check``: ``register_layer`` refuses a bad ``margin`` with it."""
+    margin = options.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise ConfigError(f"margin must be a number, got {margin!r}")
+
+
+def keep_positive(data: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Ones where ``data > margin``, zeros elsewhere, in ``data``'s dtype."""
+    check_margin({"margin": margin})
     return (data > margin).to(data.dtype)
 
 
@@ -68,6 +77,7 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
             name="keep_positive",
             fn=keep_positive,
             params={"margin"},
+            check=check_margin,
             description="keep the entries above margin (default 0.0)",
         )
     ]

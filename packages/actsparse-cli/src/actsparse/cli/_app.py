@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import os
 import re
 import sys
 import traceback
@@ -321,8 +322,44 @@ def _plugin_warnings_as_lines(stream: TextIO) -> Iterator[None]:
         yield
 
 
+#: The exit status when the reader of the output went away (``actsparse inspect F | head``):
+#: 128 + SIGPIPE, what a shell reports for a command that a closed pipe stopped.
+BROKEN_PIPE_STATUS = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``actsparse`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    """Run ``actsparse`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    When the reader of standard output goes away (``actsparse inspect FILE |
+    head``), the command stops quietly with status 141 (128 + SIGPIPE), as
+    shell tools do, rather than with a ``BrokenPipeError`` traceback.
+    """
+    try:
+        status = _main(argv)
+        # Flush here, inside the try: a pipe closed early fails on this write,
+        # not at interpreter exit where nothing can catch it.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE_STATUS
+    return status
+
+
+def _silence_stdout() -> None:
+    """Point standard output at devnull, so that the interpreter's last flush finds
+    nothing to write to the closed pipe (and prints no second error)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's StringIO): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         with _plugin_warnings_as_lines(sys.stderr):
             parser = build_parser()
@@ -342,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {command.name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # the reader went away: main() stops quietly, whoever wrote the command
     except Exception as exc:
         if command.first_party:
             raise  # a bug in actsparse: show where

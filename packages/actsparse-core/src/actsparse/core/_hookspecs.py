@@ -74,15 +74,30 @@ def actsparse_mask_strategies() -> Sequence[MaskStrategy]:  # type: ignore[empty
     """Return the mask strategies this plugin provides.
 
     Each strategy computes a {0, 1} mask from the reduced data and the layer's
-    ``sparse_config``; declare the accepted keys in ``params`` so that a wrong
-    key is reported when the layer is registered. Names must be unique across
-    all installed plugins.
+    ``sparse_config``. Declare the accepted keys in ``params`` (and the
+    mandatory ones in ``required``) so that a wrong or missing key is reported
+    when the layer is registered, and give ``check(sparse_config) -> None``,
+    which raises :class:`~actsparse.core.ConfigError` naming the key, so that
+    a wrong value is too (``sparsity_level="0.5"``) rather than at ``step()``.
+    Names must be unique across all installed plugins.
 
     Example::
 
+        def check_margin(options):
+            margin = options.get("margin", 0.0)
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+                raise ConfigError(f"margin must be a number, got {margin!r}")
+
         @hookimpl
         def actsparse_mask_strategies():
-            return [MaskStrategy(name="positive", fn=lambda t: (t > 0).float(), params=())]
+            return [
+                MaskStrategy(
+                    name="above",
+                    fn=lambda t, margin=0.0: (t > margin).to(t.dtype),
+                    params={"margin"},
+                    check=check_margin,
+                )
+            ]
     """
 
 

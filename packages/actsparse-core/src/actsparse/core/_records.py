@@ -25,6 +25,7 @@ __all__ = [
     "MaskStrategy",
     "ReduceStrategy",
     "Serializer",
+    "check_values",
     "infer_params",
     "split_sparse_config",
 ]
@@ -219,6 +220,12 @@ class AggregateStrategy:
             ``sparsifier.valid_positions(mask)``, the runtime passes it on
             every call; a threshold-mode layer whose aggregate does not take
             it makes ``valid_positions()`` an error.
+        check: ``check(options) -> None`` checks the values of the strategy's
+            ``sparse_config`` keys (``options`` holds those of ``params``
+            that the layer sets) when a layer is registered, and raises
+            :class:`ConfigError` naming the key at fault; the runtime adds
+            the layer's and the strategy's names. ``None``: values are
+            checked only when the strategy runs, during calibration.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -242,6 +249,9 @@ class AggregateStrategy:
         default=None, converter=_to_combine, validator=_check_combine
     )
     takes_valid: bool = attrs.field(default=False, validator=_of_type(bool))
+    check: Callable[[Mapping[str, Any]], None] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
 
     def __attrs_post_init__(self) -> None:
         if not self.required <= self.params:
@@ -308,6 +318,14 @@ class MaskStrategy:
             ``target_threshold``): ``ThresholdResult.target`` reads it and
             ``sparsifier.retarget()`` moves it. ``None``: the strategy cannot
             be retargeted.
+        check: ``check(sparse_config) -> None`` checks the values of the keys
+            the strategy receives when a layer is registered (and when
+            ``update_config()`` changes them), and raises :class:`ConfigError`
+            naming the key at fault (``"sparsity_level must be a number in
+            [0, 1], got '0.5'"``); the runtime adds the layer's and the
+            strategy's names. It runs after the keys were checked against
+            ``params`` and ``required``. ``None``: values are checked only
+            when ``fn`` runs, at ``step()``.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -321,6 +339,9 @@ class MaskStrategy:
     description: str = attrs.field(default="", validator=_of_type(str))
     dynamic: bool = attrs.field(default=False, validator=_of_type(bool))
     target_key: str | None = attrs.field(default=None)
+    check: Callable[[Mapping[str, Any]], None] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
 
     @target_key.validator
     def _check_target_key(self, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -352,7 +373,8 @@ class MaskStrategy:
         return self.fn(data, **sparse_config)
 
     def check_config(self, sparse_config: Mapping[str, Any], *, layer: str) -> None:
-        """Raise :class:`ConfigError` unless ``sparse_config`` fits ``params``."""
+        """Raise :class:`ConfigError` unless ``sparse_config`` fits ``params``,
+        ``required`` and ``check``."""
         keys = set(sparse_config)
         problems = []
         if self.params is not None:
@@ -372,6 +394,29 @@ class MaskStrategy:
                 f"layer {layer!r}: sparse_config for mask strategy {self.name!r} has "
                 f"{' and '.join(problems)}; it accepts {accepted}"
             )
+        check_values(self, sparse_config, layer=layer)
+
+
+def check_values(
+    strategy: AggregateStrategy | MaskStrategy, options: Mapping[str, Any], *, layer: str
+) -> None:
+    """Run ``strategy.check`` on ``options``; a refusal is a :class:`ConfigError` naming
+    the layer and the strategy.
+
+    A checker that raises ``TypeError`` or ``ValueError`` instead of
+    ``ConfigError`` (comparing a string with a number, say) is reported the
+    same way, its exception chained.
+    """
+    check = strategy.check
+    if check is None:
+        return
+    label = "mask strategy" if isinstance(strategy, MaskStrategy) else "aggregate strategy"
+    try:
+        check(dict(options))
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"layer {layer!r}: sparse_config for {label} {strategy.name!r}: {exc}"
+        ) from exc
 
 
 def _accepted(params: frozenset[str] | None) -> str:
@@ -392,13 +437,15 @@ def split_sparse_config(
     The aggregate receives the keys it declares in ``params``; the mask
     receives every other key, and also those that it declares itself. A key
     that neither accepts, or a required key that is absent, is a
-    :class:`ConfigError` naming the layer, the strategies and the keys they accept.
+    :class:`ConfigError` naming the layer, the strategies and the keys they
+    accept; so is a value that a strategy's ``check`` refuses.
 
     Returns:
         ``(aggregate_options, mask_options)``.
     """
     if not aggregate.params:
         mask.check_config(sparse_config, layer=layer)
+        check_values(aggregate, {}, layer=layer)
         return {}, dict(sparse_config)
     aggregate_options = {k: v for k, v in sparse_config.items() if k in aggregate.params}
     mask_options = {
@@ -426,6 +473,8 @@ def split_sparse_config(
             f"{mask.name!r} accepts {_accepted(mask.params)}, aggregate strategy "
             f"{aggregate.name!r} accepts {_accepted(aggregate.params)}"
         )
+    check_values(aggregate, aggregate_options, layer=layer)
+    check_values(mask, mask_options, layer=layer)
     return aggregate_options, mask_options
 
 

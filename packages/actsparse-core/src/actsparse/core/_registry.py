@@ -30,6 +30,7 @@ from actsparse.core._records import (
     Serializer,
     infer_params,
 )
+from actsparse.core._unknown import unknown_name_message
 
 __all__ = [
     "BLOCK_ENV_VAR",
@@ -468,11 +469,15 @@ class Registry:
         try:
             return table[name]
         except (KeyError, TypeError):
-            known = ", ".join(repr(n) for n in sorted(table)) or "none"
             raise UnknownStrategyError(
-                f"unknown {info.label} {name!r}; known: {known}. The built-in ones come "
-                f"with `pip install {info.package}`{self._absent_builtins(info)}; plugins "
-                f"can register more (see the plugin guide in docs/plugins.md)"
+                unknown_name_message(
+                    kind=info.key,
+                    label=info.label,
+                    package=info.package,
+                    name=name,
+                    known=table,
+                    note=self._absent_builtins(info),
+                )
             ) from None
 
     def _absent_builtins(self, info: Kind) -> str:

@@ -1,7 +1,7 @@
 """actsparse.hooks: the hook-based torch runtime.
 
 :class:`ActivationSparsifier` is a drop-in replacement for
-``torch.ao.pruning._experimental.activation_sparsifier.ActivationSparsifier``;
+``torch.ao.pruning._experimental.activation_sparsifier.activation_sparsifier.ActivationSparsifier``;
 :func:`calibrate` runs a model over calibration batches, with a progress bar
 and a step count or time budget. This distribution holds the runtime only: the
 ``actsparse`` command line and its demo come with ``actsparse-cli``.
@@ -26,7 +26,7 @@ from actsparse.hooks._kernels import (
     to_output_major,
 )
 from actsparse.hooks._patterns import LayerRule
-from actsparse.hooks._sparsifier import ActivationSparsifier
+from actsparse.hooks._sparsifier import ActivationSparsifier, WorkflowWarning
 from actsparse.hooks._threshold import SparsityTargetWarning
 
 __version__ = importlib.metadata.version("actsparse-hooks")
@@ -45,6 +45,7 @@ __all__ = [
     "PrunedLinear",
     "SparsityTargetWarning",
     "ThresholdResult",
+    "WorkflowWarning",
     "__version__",
     "allocate_greedy",
     "calibrate",

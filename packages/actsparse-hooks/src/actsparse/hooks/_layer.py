@@ -144,6 +144,24 @@ def resolve_config(
     return resolved[0], resolved[1], mask_strategy, spec
 
 
+def changed_options(left: Mapping[str, Any], right: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two sets of strategy options, sorted.
+
+    A key present in one only differs; values of different types, or that
+    cannot be compared, differ too.
+    """
+
+    def same(key: str) -> bool:
+        if (key in left) != (key in right):
+            return False
+        try:
+            return type(left[key]) is type(right[key]) and bool(left[key] == right[key])
+        except Exception:
+            return False
+
+    return sorted(key for key in set(left) | set(right) if not same(key))
+
+
 def no_graph(x: torch.Tensor) -> torch.Tensor:
     """``x`` cut from autograd, so the accumulator never holds a graph.
 
@@ -183,6 +201,8 @@ class Layer:
     bound: BoundAggregate = attrs.field(init=False)
     #: the sparse_config keys that the mask strategy receives
     mask_options: dict[str, Any] = attrs.field(init=False)
+    #: the sparse_config keys that the aggregate strategy receives (bound into ``bound``)
+    aggregate_options: dict[str, Any] = attrs.field(init=False)
     # index tensors, built once and kept on the input's device
     _index: torch.Tensor | None = attrs.field(default=None, init=False)
     _indices: list[torch.Tensor] = attrs.field(factory=list, init=False)
@@ -190,10 +210,10 @@ class Layer:
     _axis: int | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        options, self.mask_options = split_sparse_config(
+        self.aggregate_options, self.mask_options = split_sparse_config(
             self.aggregate, self.mask_strategy, self.config["sparse_config"], layer=self.name
         )
-        self.bound = self.aggregate.bind(options)
+        self.bound = self.aggregate.bind(self.aggregate_options)
         # Built here, once: a layer that cannot be built fails before it replaces another.
         self.build_indices()
 
@@ -221,6 +241,21 @@ class Layer:
     def threshold(self) -> ThresholdResult | None:
         """The threshold mode's result of ``step()`` (None in static mode)."""
         return self.mode.threshold
+
+    def take_sparse_config(self, built: Layer) -> bool:
+        """Take the ``sparse_config`` of ``built``, a layer built from this one's
+        configuration with other ``sparse_config`` values; keep the data and the mode.
+
+        Returns whether the aggregate's options changed (then the aggregate hook,
+        which holds the bound aggregate, must be attached again).
+        """
+        changed = bool(changed_options(self.aggregate_options, built.aggregate_options))
+        self.config = built.config
+        self.mask_options = built.mask_options
+        if changed:
+            self.aggregate_options = built.aggregate_options
+            self.bound = built.bound
+        return changed
 
     def set_option(self, key: str, value: Any) -> None:
         """Set one ``sparse_config`` key that the mask strategy receives."""

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from actsparse.core import (
     StateDict,
     StateError,
     ThresholdResult,
+    UnknownStrategyError,
     find_module,
     get_registry,
     module_to_fqn,
@@ -37,7 +38,7 @@ from actsparse.core import (
 from actsparse.hooks._distributed import combine_accumulators, resolve_group, uncombinable
 from actsparse.hooks._execution import DENSE, kernel_modes
 from actsparse.hooks._fold import fold_layers
-from actsparse.hooks._layer import Layer, resolve_config
+from actsparse.hooks._layer import Layer, changed_options, resolve_config
 from actsparse.hooks._modes import MaskingMode
 from actsparse.hooks._patterns import match_rules, merge_config, to_rules
 from actsparse.hooks._static import StaticMask
@@ -49,7 +50,70 @@ from actsparse.hooks._threshold import (
     warn_unreachable,
 )
 
-__all__ = ["ActivationSparsifier"]
+__all__ = ["ActivationSparsifier", "WorkflowWarning"]
+
+
+class WorkflowWarning(UserWarning):
+    """A call that torch.ao accepts silently but that probably does not do what was meant.
+
+    ``squash_mask()`` after forward passes without ``step()``, ``step()`` with no
+    layer registered, and registering a registered layer again (which discards
+    its aggregated data). They stay warnings, as torch.ao raised nothing there;
+    ``warnings.simplefilter("error", WorkflowWarning)`` makes them errors, raised
+    before the call changes anything.
+    """
+
+
+class _SparseConfig(dict[str, Any]):
+    """A layer's ``sparse_config`` as ``data_groups`` shows it: a copy that refuses changes.
+
+    Changing the copy would change nothing (torch.ao's data groups are live),
+    so every change raises an error that names ``update_config()``. Copies and
+    pickles of it are plain dicts.
+    """
+
+    __slots__ = ("_layer",)
+
+    def __init__(self, values: Mapping[str, Any], layer: str) -> None:
+        super().__init__(values)
+        self._layer = layer
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise ConfigError(
+            f"data_groups[{self._layer!r}]['sparse_config'] is a copy, and changing it would "
+            f"change nothing; call sparsifier.update_config({self._layer!r}, key=value), which "
+            "checks the values and keeps the layer's aggregated data"
+        )
+
+    __setitem__ = _refuse
+    __delitem__ = _refuse
+    __ior__ = _refuse  # type: ignore[assignment]
+    clear = _refuse
+    pop = _refuse
+    popitem = _refuse
+    setdefault = _refuse
+    update = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (dict(self),))
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return copy.deepcopy(dict(self), memo)
+
+
+def _held(layer: Layer) -> list[str]:
+    """What re-registering ``layer`` throws away, for the warning."""
+    held = []
+    if layer.data is not None:
+        held.append("aggregated data")
+    if layer.mask is not None:
+        held.append("mask")
+    if layer.threshold is not None:
+        held.append("threshold")
+    return held
 
 
 class _DataGroup(Mapping[str, Any]):
@@ -71,6 +135,8 @@ class _DataGroup(Mapping[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         layer = self._layer
+        if key == "sparse_config":
+            return _SparseConfig(copy.deepcopy(layer.config[key]), layer.name)
         if key in CONFIG_KEYS:
             return copy.deepcopy(layer.config[key])
         if key == "layer":
@@ -105,15 +171,29 @@ class ActivationSparsifier:
     also takes the name of a registered strategy (``"sum"``, ``"mean"``,
     ``"magnitude"``, ...).
 
+    Which strategies to pick: the recipes in the manual's *Built-in strategies*
+    page. The arguments are defaults for the layers registered later; nothing
+    is resolved or checked until a layer is registered (as in torch.ao, they
+    may all be left out and given per layer).
+
     Args:
         model: The model whose layers are sparsified.
-        aggregate_fn: Default aggregate: ``fn(accumulator, x) -> accumulator``, or a name.
-        reduce_fn: Default reduce: ``fn(aggregated) -> Tensor``, or a name.
-        mask_fn: Default mask: ``fn(reduced, **sparse_config) -> Tensor``, or a name.
+        aggregate_fn: Default aggregate: ``fn(accumulator, x) -> accumulator``,
+            or the name of a registered aggregate strategy (``"sum"``,
+            ``"abs_mean"``, ``"abs_histogram"``, ...).
+        reduce_fn: Default reduce: ``fn(aggregated) -> Tensor``, or a name
+            (``"mean"``, ``"identity"``, ...).
+        mask_fn: Default mask: ``fn(reduced, **sparse_config) -> Tensor``, or a
+            name (``"magnitude"``, ``"topk"``, ``"target_threshold"``, ...).
         features: Default feature selection along ``feature_dim``: a list whose
             entries are an index or a list of indices; each gets its own mask.
         feature_dim: The dimension of the input along which features are selected.
-        **sparse_config: Default keyword arguments for the mask function.
+        **sparse_config: Default ``sparse_config`` keys (``sparsity_level=0.5``):
+            each goes to the strategy that declares it, and ``register_layer``
+            keywords update them per layer.
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
     """
 
     def __init__(
@@ -182,6 +262,17 @@ class ActivationSparsifier:
         process used (state dicts do not keep them), before or after
         ``squash_mask()``; the layers' ``sparse_config`` follow. Nothing
         changes if a name or a level is refused.
+
+        Args:
+            levels: Layer name -> new target sparsity, a number in [0, 1].
+
+        Raises:
+            LayerNotFoundError: A name is not registered.
+            StateError: A layer is not in threshold mode, its strategy has no
+                ``target_key``, or it holds no statistics from a ``step()`` in
+                this process.
+            ConfigError: ``levels`` is not a mapping, or a level is not a
+                number in [0, 1].
         """
         if not isinstance(levels, Mapping):
             raise ConfigError(f"levels must map layer names to levels, got {levels!r}")
@@ -198,6 +289,19 @@ class ActivationSparsifier:
                 model(**batch)
 
         Layers with a static mask strategy ignore it.
+
+        Args:
+            mask: A bool tensor, True at the positions to count.
+
+        Returns:
+            A context manager; blocks do not nest.
+
+        Raises:
+            ConfigError: ``mask`` is not a bool tensor, a block is already
+                active, or a threshold-mode layer's aggregate does not take
+                valid positions (``AggregateStrategy.takes_valid``); a mask
+                that does not match a layer's input is refused on its forward
+                pass.
         """
         return self._valid.active(mask, self._layers.values())
 
@@ -216,8 +320,34 @@ class ActivationSparsifier:
         """Register a submodule of the model; its inputs are aggregated from now on.
 
         Arguments that are not None override the defaults; ``sparse_config``
-        updates the default one. Registering a registered layer again warns and
-        replaces it. Nothing changes if the configuration is invalid.
+        updates the default one. Everything is checked here: the strategies
+        resolve, ``features`` fit ``feature_dim``, every ``sparse_config`` key
+        is one that the strategies accept, and its value passes the
+        strategy's check (``sparsity_level="0.5"`` is refused now, not at
+        ``step()``). Nothing changes if the configuration is invalid.
+
+        Registering a registered layer again replaces it and discards its
+        aggregated data, mask or threshold, with a :class:`WorkflowWarning`
+        that says so; :meth:`update_config` changes ``sparse_config`` values
+        and keeps the data.
+
+        Args:
+            layer: A submodule of the model.
+            aggregate_fn: The aggregate (a callable or a registered name);
+                None takes the default.
+            reduce_fn: The reduce; None takes the default.
+            mask_fn: The mask strategy; None takes the default.
+            features: Indices along ``feature_dim`` to give masks of their
+                own; None takes the default.
+            feature_dim: The dimension that ``features`` index.
+            **sparse_config: Keys that update the default ``sparse_config``.
+
+        Raises:
+            ConfigError: The configuration is invalid (the message names the
+                layer and the argument or key at fault).
+            UnknownStrategyError: A strategy name that no installed plugin
+                registers.
+            LayerNotFoundError: ``layer`` is not a submodule of the model.
         """
         if not isinstance(layer, nn.Module):
             raise ConfigError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
@@ -238,10 +368,7 @@ class ActivationSparsifier:
         config["sparse_config"].update(copy.deepcopy(sparse_config))
         new = self._build_layer(name, layer, config)
         if name in self._layers:
-            warnings.warn(
-                f"layer {name!r} is already registered; replacing it with the new configuration",
-                stacklevel=2,
-            )
+            _warn_replaced([self._layers[name]])
             self._layers.pop(name).detach()
         new.attach(AGGREGATE)
         self._layers[name] = new
@@ -266,7 +393,21 @@ class ActivationSparsifier:
         A layer selected by two rules, a rule that selects no layer (unless
         ``missing_ok``) and any invalid configuration are errors, raised before
         anything is registered. Layers registered already are replaced, with
-        one warning. Returns the registered names in the model's order.
+        one :class:`WorkflowWarning` that says what they lose.
+
+        Args:
+            rules: Selectors and their configurations, as above.
+            missing_ok: Accept a rule that selects no layer.
+
+        Returns:
+            The registered names, in the model's order.
+
+        Raises:
+            ConfigError: A rule is invalid, selects nothing, or shares a layer
+                with another rule, or a configuration is refused (the message
+                names the rule).
+            UnknownStrategyError: A strategy name that no installed plugin
+                registers.
         """
         if not isinstance(missing_ok, bool):
             raise ConfigError(f"missing_ok must be a bool, got {missing_ok!r}")
@@ -279,13 +420,9 @@ class ActivationSparsifier:
                 )
             except ActsparseError as exc:
                 raise type(exc)(f"{rule.describe()}: {exc}") from exc
-        again = [layer.name for layer in built if layer.name in self._layers]
+        again = [self._layers[layer.name] for layer in built if layer.name in self._layers]
         if again:
-            warnings.warn(
-                f"layer(s) {', '.join(map(repr, again))} are already registered; replacing "
-                "them with the new configuration",
-                stacklevel=2,
-            )
+            _warn_replaced(again)
         for layer in built:
             old = self._layers.pop(layer.name, None)
             if old is not None:
@@ -313,8 +450,90 @@ class ActivationSparsifier:
             mode=mode,
         )
 
+    def update_config(self, name: str, /, **sparse_config: Any) -> None:
+        """Change ``sparse_config`` values of a registered layer and keep its aggregated data.
+
+        The keys are merged into the layer's ``sparse_config`` (the others keep
+        their values) and checked as :meth:`register_layer` checks them; the
+        next :meth:`step` uses them. The aggregated data, the mask or threshold
+        that the last ``step()`` stored and the hook stay as they are::
+
+            sparsifier.update_config("encoder.0.fc", sparsity_level=0.4)
+
+        A key that goes to the aggregate strategy (``sample_dims``,
+        ``bins_per_octave``, ...) changes how inputs are aggregated: while the
+        layer holds aggregated data built with another value it is refused,
+        as the data would no longer fit; call ``step()`` first, or register
+        the layer again to discard the data.
+
+        Args:
+            name: The layer's name, as in :attr:`data_groups`.
+            **sparse_config: The keys to set.
+
+        Raises:
+            LayerNotFoundError: No layer of that name is registered.
+            ConfigError: A key that the layer's strategies do not accept, a
+                value that their check refuses, or a configuration key
+                (``mask_fn``, ``features``, ...), which only
+                :meth:`register_layer` changes.
+            StateError: The layer is squashed (its mask or threshold is
+                applied; :meth:`retarget` moves a threshold-mode layer's), or
+                an aggregate key would change while the layer holds aggregated
+                data.
+
+        Nothing changes when it raises.
+        """
+        layer = self._layer(name)
+        reserved = sorted(set(sparse_config) & set(CONFIG_KEYS))
+        if reserved:
+            raise ConfigError(
+                f"layer {name!r}: update_config() sets sparse_config keys; "
+                f"{', '.join(map(repr, reserved))} belong to the layer's configuration, which "
+                "register_layer() changes (discarding the aggregated data)"
+            )
+        if layer.hook_state != AGGREGATE:
+            raise StateError(
+                f"layer {name!r} is squashed (hook_state={layer.hook_state!r}): no step() will "
+                "use a new sparse_config; retarget() moves a threshold-mode layer's sparsity, "
+                "register_layer() starts the layer over"
+            )
+        config = {
+            **layer.config,
+            "sparse_config": {
+                **copy.deepcopy(layer.config["sparse_config"]),
+                **copy.deepcopy(sparse_config),
+            },
+        }
+        built = self._build_layer(name, layer.module, config)
+        moved = changed_options(layer.aggregate_options, built.aggregate_options)
+        if moved and layer.data is not None:
+            shown = ", ".join(
+                f"{key}={layer.aggregate_options.get(key)!r} -> "
+                f"{built.aggregate_options.get(key)!r}"
+                for key in moved
+            )
+            raise StateError(
+                f"layer {name!r}: changing {shown} would invalidate the aggregated data, which "
+                f"aggregate strategy {layer.aggregate.name!r} built with the old value(s); call "
+                "step() first, or register the layer again to discard the data"
+            )
+        if layer.take_sparse_config(built):
+            layer.attach(AGGREGATE)
+
     def unregister_layer(self, name: str) -> None:
-        """Detach the layer's hook and forget it."""
+        """Detach the layer's hook and forget it: the model runs as if never registered.
+
+        Its configuration, aggregated data and mask or threshold are dropped
+        (take :meth:`state_dict` first to keep them). Other layers are not
+        affected.
+
+        Args:
+            name: The layer's name, as in :attr:`data_groups`.
+
+        Raises:
+            LayerNotFoundError: No layer of that name is registered (the
+                message lists the registered names).
+        """
         layer = self._layer(name)
         layer.detach()
         del self._layers[name]
@@ -331,7 +550,27 @@ class ActivationSparsifier:
     # -------------------------------------------------------------- masks
 
     def get_mask(self, name: str | None = None, layer: nn.Module | None = None) -> Any:
-        """The layer's mask, by name or by module: a tensor, or a list per feature."""
+        """The layer's mask, by name or by module.
+
+        Until ``step()`` it is torch.ao's placeholder of ones in the shape of
+        the first input; after it, what the mask strategy computed.
+
+        Args:
+            name: The layer's name, as in :attr:`data_groups`.
+            layer: The layer's module, used when ``name`` is None.
+
+        Returns:
+            A tensor of zeros and ones, or with ``features`` a list with one
+            per feature. It is the stored mask itself, not a copy.
+
+        Raises:
+            ConfigError: Neither ``name`` nor ``layer`` is given.
+            LayerNotFoundError: The layer is not registered (or ``layer`` is
+                not a submodule of the model).
+            MaskNotReadyError: The layer has seen no input yet, or it is in
+                threshold mode (its mask depends on each input; read
+                :attr:`thresholds`).
+        """
         if name is None:
             if layer is None:
                 raise ConfigError("get_mask() needs a layer name or a layer module")
@@ -358,7 +597,8 @@ class ActivationSparsifier:
         """Compute every layer's mask from its aggregated data, then clear the data.
 
         All masks are computed and checked before any is stored: if one layer
-        fails, no mask changes and the aggregated data is kept.
+        fails, no mask changes and the aggregated data is kept. With no layer
+        registered it does nothing and warns (:class:`WorkflowWarning`).
 
         Under ``torch.distributed`` (initialised, more than one process) the
         layers' accumulators are first combined across the processes with the
@@ -385,6 +625,13 @@ class ActivationSparsifier:
             MaskError: A mask cannot be computed from the (combined) data.
         """
         group = resolve_group(process_group)
+        if not self._layers:
+            warnings.warn(
+                "step() ran with no layer registered: there is nothing to compute; register "
+                "layers with register_layer() or register_layers() before calibrating",
+                WorkflowWarning,
+                stacklevel=2,
+            )
         problem = self._step_problem(combining=group is not None)
         if group is None:
             if problem is not None:
@@ -428,11 +675,27 @@ class ActivationSparsifier:
         with ``|x| <= threshold`` zeroed. Every layer must have a mask or a
         threshold.
 
+        A layer that saw forward passes but never a ``step()`` holds torch.ao's
+        placeholder mask of ones, which leaves it dense: as torch.ao does, it
+        is squashed all the same, with a :class:`WorkflowWarning` naming it.
+
         Args:
             attach_sparsify_hook: False removes every hook and applies nothing.
             kernel: How threshold-mode layers are computed (see :meth:`set_kernel`):
                 ``"dense"`` (the default: zero, then the layer), the name of a
                 registered kernel, or ``"auto"``. Static masks ignore it.
+            **kwargs: None is accepted: any other keyword is a ``ConfigError``
+                that names it.
+
+        Raises:
+            StateError: A layer is squashed already.
+            MaskNotReadyError: A layer has no mask or threshold (it has seen no
+                input, or a threshold-mode layer no ``step()``).
+            ConfigError: A bad argument, or a kernel that cannot run here or
+                compute a layer.
+            UnknownStrategyError: No kernel has that name.
+
+        Nothing changes when it raises.
         """
         if kwargs:
             raise ConfigError(
@@ -449,6 +712,8 @@ class ActivationSparsifier:
                     "squash_mask()"
                 )
         modes = kernel_modes(self._layers, kernel) if attach_sparsify_hook else {}
+        if attach_sparsify_hook:
+            _warn_unstepped(self._layers.values())
         for name, layer in self._layers.items():
             if name in modes:
                 layer.mode = modes[name]
@@ -465,6 +730,9 @@ class ActivationSparsifier:
         faster (single-token decoding), and the dense path above. The choice
         is not part of the state dict: a loaded state runs dense until this
         is called. Layers with a static mask are not affected.
+
+        Args:
+            kernel: ``"dense"``, a registered kernel's name, or ``"auto"``.
 
         Raises:
             UnknownStrategyError: No kernel has that name.
@@ -501,7 +769,16 @@ class ActivationSparsifier:
 
         Folded layers are unregistered: they leave ``data_groups``, ``state``
         and ``state_dict()``, and their names are added to :attr:`folded`.
-        Other layers keep their hooks. Returns the names folded by this call.
+        Other layers keep their hooks.
+
+        Args:
+            prune: Also remove the input features whose mask is zero.
+
+        Returns:
+            The names of the layers folded by this call, in order.
+
+        Raises:
+            ConfigError: ``prune`` is not a bool.
         """
         if not isinstance(prune, bool):
             raise ConfigError(f"prune must be a bool, got {prune!r}")
@@ -520,6 +797,12 @@ class ActivationSparsifier:
         layers hold ``"threshold"`` instead; data groups hold neither ``hook``
         nor ``layer``. Everything is a copy. ``actsparse.serialize.save``
         writes it to a file.
+
+        Returns:
+            A new dict: ``state`` (layer name -> ``{"mask": ...}``, with
+            ``"threshold"`` for threshold-mode layers), ``data_groups`` (layer
+            name -> configuration, ``hook_state`` and any aggregated
+            ``data``), ``defaults`` and ``format_version``.
         """
         layers = {name: layer.to_state() for name, layer in self._layers.items()}
         return StateDict(defaults=self.defaults, layers=layers).as_dict(sparse=True)
@@ -532,10 +815,19 @@ class ActivationSparsifier:
         that their ``hook_state`` names. Everything is checked first: on error
         the sparsifier and the model's hooks are unchanged.
 
+        Args:
+            state_dict: What :meth:`state_dict` (or torch.ao's ``state_dict()``,
+                or ``actsparse.serialize.load``) returned.
+
         Raises:
             SerializationError: The state dict is malformed, or a layer's
                 mask, threshold or data does not fit it.
             LayerNotFoundError: A layer of the state dict is not in the model.
+            UnknownStrategyError: A layer's strategy is named by a plugin that
+                is not installed here (the message says whether it is a
+                built-in and which package ships it).
+            ConfigError: A layer's configuration is refused, as
+                :meth:`register_layer` would refuse it.
         """
         parsed = parse_state_dict(state_dict)
         new_layers: dict[str, Layer] = {}
@@ -544,7 +836,12 @@ class ActivationSparsifier:
             if found is None:
                 raise LayerNotFoundError(f"layer {name!r} of the state dict is not in the model")
             fqn, module = found
-            layer = self._build_layer(fqn, module, dict(record.config))
+            try:
+                layer = self._build_layer(fqn, module, dict(record.config))
+            except UnknownStrategyError as exc:
+                raise UnknownStrategyError(
+                    f"the state dict names a strategy that is not installed here: {exc}"
+                ) from None
             layer.restore(record)
             if fqn in new_layers:
                 raise SerializationError(
@@ -567,3 +864,44 @@ class ActivationSparsifier:
             lines.append(f"  {name!r}: hook_state={layer.hook_state!r}, config={layer.config!r}")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _warn_replaced(layers: list[Layer]) -> None:
+    """Warn that registering ``layers`` again discards what they hold."""
+    kinds = ("aggregated data", "mask", "threshold")
+    lost = [kind for kind in kinds if any(kind in _held(layer) for layer in layers)]
+    names = ", ".join(repr(layer.name) for layer in layers)
+    if len(layers) == 1:
+        head = f"layer {names} is already registered: registering it again replaces its"
+        whose = "its"
+    else:
+        head = f"layers {names} are already registered: registering them again replaces their"
+        whose = "their"
+    what = (
+        f"discards {whose} {' and '.join(lost)}"
+        if lost
+        else "discards nothing yet (no input was aggregated)"
+    )
+    warnings.warn(
+        f"{head} configuration and {what}; to change sparse_config values and keep the "
+        "aggregated data, call sparsifier.update_config(name, key=value) instead",
+        WorkflowWarning,
+        stacklevel=3,
+    )
+
+
+def _warn_unstepped(layers: Iterable[Layer]) -> None:
+    """Warn about layers that squash_mask() would leave dense: inputs seen, no step()."""
+    dense = [
+        repr(layer.name)
+        for layer in layers
+        if isinstance(layer.mode, StaticMask) and layer.mode.placeholder
+    ]
+    if dense:
+        warnings.warn(
+            f"squash_mask(): layer(s) {', '.join(dense)} saw forward passes but no step(), "
+            "so their mask is the placeholder of ones and they stay dense; call step() "
+            "before squash_mask()",
+            WorkflowWarning,
+            stacklevel=3,
+        )

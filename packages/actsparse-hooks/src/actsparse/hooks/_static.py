@@ -55,6 +55,8 @@ class StaticMask:
         self._applied: torch.Tensor | None = None
         # the last input shape the applied mask was checked against
         self._checked: torch.Size | None = None
+        # whether the mask is the ones placeholder of the first input (no step() yet)
+        self._placeholder = False
 
     @property
     def mask(self) -> Mask | None:
@@ -67,6 +69,11 @@ class StaticMask:
     @property
     def ready(self) -> bool:
         return self._mask is not None
+
+    @property
+    def placeholder(self) -> bool:
+        """Whether the mask is torch.ao's placeholder of ones: inputs were seen, no step()."""
+        return self._placeholder
 
     @property
     def applied_ndim(self) -> int | None:
@@ -82,6 +89,7 @@ class StaticMask:
             return
         # Never keep an inference tensor as the mask: autograd could not save it
         # when the model later runs with gradients.
+        self._placeholder = True
         with torch.inference_mode(False):
             if layer.features is None:
                 self._mask = _ones_placeholder(x, x.shape)
@@ -297,6 +305,7 @@ class StaticMask:
     def store(self, computed: Any) -> None:
         self._mask = computed
         self._applied = None
+        self._placeholder = False
 
     def _mask_from(
         self, layer: Layer, data: Any, target: tuple[int, ...] | None, feature: int | None
@@ -327,6 +336,7 @@ class StaticMask:
         self._check_restored(layer, state.mask)
         self._mask = _not_inference(state.mask)
         self._applied = None
+        self._placeholder = False
 
     @staticmethod
     def _check_restored(layer: Layer, mask: Mask | None) -> None:

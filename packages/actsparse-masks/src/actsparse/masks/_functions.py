@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actsparse.core import ConfigError
+from actsparse.masks._checks import fraction
 
 __all__ = ["magnitude_mask", "mean_over_batch", "sum_aggregate"]
 
@@ -22,12 +22,22 @@ def mean_over_batch(data: torch.Tensor) -> torch.Tensor:
 def magnitude_mask(data: torch.Tensor, sparsity_level: float) -> torch.Tensor:
     """Zero the ``round(sparsity_level * n)`` entries of smallest absolute value.
 
-    Returns a mask of ``data``'s shape and dtype holding ones elsewhere.
+    The registered ``magnitude`` mask strategy. ``round`` is Python's (halves
+    go to the even number); which of several tied entries is zeroed is not
+    specified.
+
+    Args:
+        data: The reduced data, of any shape (``n`` entries).
+        sparsity_level: The fraction of entries to zero, a number in [0, 1].
+
+    Returns:
+        A mask of ``data``'s shape and dtype: zeros at the smallest entries,
+        ones elsewhere.
+
+    Raises:
+        ConfigError: ``sparsity_level`` is not a number in [0, 1].
     """
-    if isinstance(sparsity_level, bool) or not isinstance(sparsity_level, (int, float)):
-        raise ConfigError(f"sparsity_level must be a number, got {sparsity_level!r}")
-    if not 0.0 <= sparsity_level <= 1.0:
-        raise ConfigError(f"sparsity_level must lie in [0, 1], got {sparsity_level!r}")
+    fraction("sparsity_level", sparsity_level)
     magnitudes = data.abs().flatten()
     order = torch.sort(magnitudes).indices
     n_zero = round(sparsity_level * magnitudes.numel())

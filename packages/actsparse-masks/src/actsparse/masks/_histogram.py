@@ -20,7 +20,8 @@ it returns ``t = 0`` and the zero fraction as the expected sparsity.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ from actsparse.core import ConfigError
 __all__ = [
     "HISTOGRAM_PARAMS",
     "abs_histogram_aggregate",
+    "check_abs_histogram",
     "finalize_histogram",
     "init_histogram",
     "target_threshold",
@@ -67,6 +69,13 @@ def _layout(bins_per_octave: object, log2_range: object) -> tuple[int, int, int]
     lo_code = (lo + _EXPONENT_BIAS) << bits
     hi_code = (hi + _EXPONENT_BIAS) << bits
     return _MANTISSA_BITS - bits, lo_code, hi_code - lo_code
+
+
+def check_abs_histogram(options: Mapping[str, Any]) -> None:
+    """The ``abs_histogram`` record's ``check``: ``bins_per_octave`` and ``log2_range``."""
+    _layout(
+        options.get("bins_per_octave", _BINS_PER_OCTAVE), options.get("log2_range", _LOG2_RANGE)
+    )
 
 
 def init_histogram(
@@ -117,10 +126,26 @@ def finalize_histogram(
 def target_threshold(histogram: torch.Tensor, sparsity_level: float) -> tuple[float, float, float]:
     """``(threshold, expected_sparsity, zero_fraction)`` for a finalized histogram.
 
-    ``threshold`` zeroes (``|x| <= threshold``) the fraction ``sparsity_level``
-    of the counted magnitudes; ``zero_fraction`` is the fraction below the
-    lowest bin edge. When it exceeds ``sparsity_level`` the target is
-    unreachable: the threshold is 0 and ``expected_sparsity`` is ``zero_fraction``.
+    The registered ``target_threshold`` mask strategy (a dynamic one: its
+    layers zero ``|x| <= threshold`` of every input). ``threshold`` zeroes the
+    fraction ``sparsity_level`` of the counted magnitudes, interpolated
+    geometrically inside the bin that holds that quantile.
+
+    Args:
+        histogram: What :func:`finalize_histogram` returns: a ``(2, bins)``
+            tensor of bin upper edges and counts.
+        sparsity_level: The target fraction of zeros, a number in [0, 1].
+
+    Returns:
+        ``(threshold, expected_sparsity, zero_fraction)``: ``zero_fraction`` is
+        the fraction below the lowest bin edge (the zeros). When it exceeds
+        ``sparsity_level`` the target is unreachable: the threshold is 0 and
+        ``expected_sparsity`` is ``zero_fraction``; otherwise it is
+        ``sparsity_level``.
+
+    Raises:
+        ConfigError: ``sparsity_level`` is not a number in [0, 1], the
+            histogram has another shape, or it counted nothing.
     """
     if (
         isinstance(sparsity_level, bool)

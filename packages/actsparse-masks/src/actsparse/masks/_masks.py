@@ -12,25 +12,12 @@ import torch
 from torch.nn import functional as F
 
 from actsparse.core import ConfigError
+from actsparse.masks._checks import block_shape as _block_shape
+from actsparse.masks._checks import fraction as _fraction
+from actsparse.masks._checks import is_int as _is_int
+from actsparse.masks._checks import number as _number
 
 __all__ = ["block_norm_mask", "n_m_mask", "threshold_mask", "topk_mask"]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def _fraction(name: str, value: object) -> float:
-    number = _number(name, value)
-    if not 0.0 <= number <= 1.0:
-        raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
-    return number
 
 
 def _dim(data: torch.Tensor, dim: object) -> int:
@@ -43,7 +30,21 @@ def _dim(data: torch.Tensor, dim: object) -> int:
 
 
 def threshold_mask(data: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Zero the entries with ``|x| <= threshold``; ones elsewhere."""
+    """Zero the entries with ``|x| <= threshold``; ones elsewhere.
+
+    The registered ``threshold`` mask strategy: how many entries it zeroes
+    depends on the data's scale, not on a fixed fraction.
+
+    Args:
+        data: The reduced data, of any shape.
+        threshold: The largest magnitude that is zeroed, a number (not NaN).
+
+    Returns:
+        A mask of ``data``'s shape and dtype.
+
+    Raises:
+        ConfigError: ``threshold`` is not a number.
+    """
     limit = _number("threshold", threshold)
     return (data.abs() > limit).to(data.dtype)
 
@@ -56,8 +57,24 @@ def topk_mask(
 ) -> torch.Tensor:
     """Keep the ``k`` entries of largest ``|x|`` along ``dim``; zero the rest.
 
-    Give exactly one of ``k`` (a count) and ``fraction`` (``k = round(fraction
-    * size)``). ``dim=None`` ranks all entries together.
+    The registered ``topk`` mask strategy: every slice along ``dim`` keeps the
+    same number of entries. Which of several tied entries is kept is not
+    specified.
+
+    Args:
+        data: The reduced data, of any shape.
+        k: How many entries to keep per slice, an int in [0, size along ``dim``].
+        fraction: Instead of ``k``: ``k = round(fraction * size)``, a number in
+            [0, 1]. Give exactly one of ``k`` and ``fraction``.
+        dim: The dimension along which entries are ranked; ``None`` ranks all
+            entries together.
+
+    Returns:
+        A mask of ``data``'s shape and dtype.
+
+    Raises:
+        ConfigError: Both or neither of ``k`` and ``fraction``, a ``k`` out of
+            range, a ``fraction`` outside [0, 1], or a ``dim`` out of range.
     """
     if (k is None) == (fraction is None):
         raise ConfigError("topk needs exactly one of k and fraction")
@@ -79,8 +96,22 @@ def topk_mask(
 def n_m_mask(data: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     """Keep the ``n`` entries of largest ``|x|`` in every group of ``m`` along ``dim``.
 
-    Groups are consecutive and start at index 0 (``n=2, m=4`` is 2:4
-    sparsity). A last, shorter group keeps ``min(n, its size)`` entries.
+    The registered ``n_m`` mask strategy. Groups are consecutive and start at
+    index 0 (``n=2, m=4`` is 2:4 sparsity). A last, shorter group keeps
+    ``min(n, its size)`` entries.
+
+    Args:
+        data: The reduced data, with at least one dimension.
+        n: How many entries each group keeps, an int in [0, m].
+        m: The size of a group, a positive int.
+        dim: The dimension along which the groups run.
+
+    Returns:
+        A mask of ``data``'s shape and dtype.
+
+    Raises:
+        ConfigError: ``n`` or ``m`` out of range, a ``dim`` out of range, or
+            data without a dimension.
     """
     if not _is_int(m) or m < 1:
         raise ConfigError(f"m must be a positive int, got {m!r}")
@@ -102,17 +133,6 @@ def n_m_mask(data: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     return mask.movedim(-1, axis).contiguous()
 
 
-def _block_shape(value: object) -> tuple[int, int]:
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, Sequence)
-        or len(value) != 2
-        or not all(_is_int(v) and v > 0 for v in value)
-    ):
-        raise ConfigError(f"sparse_block_shape must be two positive ints, got {value!r}")
-    return int(value[0]), int(value[1])
-
-
 def block_norm_mask(
     data: torch.Tensor,
     sparsity_level: float,
@@ -122,14 +142,29 @@ def block_norm_mask(
 ) -> torch.Tensor:
     """The mask of torch.ao's ``DataNormSparsifier`` for ``data``.
 
-    Blocks of ``sparse_block_shape`` tile the data from index 0 (the last ones
-    may be cut by the edge). The ``round(sparsity_level * n_blocks)`` blocks of
+    The registered ``block_norm`` mask strategy. Blocks of
+    ``sparse_block_shape`` tile the data from index 0 (the last ones may be
+    cut by the edge). The ``round(sparsity_level * n_blocks)`` blocks of
     smallest mean norm (``|x|`` for ``"L1"``, ``x ** 2`` for ``"L2"``) are
     sparsified: in each, the ``zeros_per_block`` entries of smallest norm are
     zeroed (all of them by default). As torch does, singleton dimensions are
     dropped first and the data must then be at most 2-D, a 1-D row being one
     row of blocks; beyond torch, more dimensions are a batch of 2-D planes
     (the last two dimensions), each sparsified on its own.
+
+    Args:
+        data: The reduced data.
+        sparsity_level: The fraction of blocks to sparsify, a number in [0, 1].
+        sparse_block_shape: The block's (height, width), two positive ints.
+        zeros_per_block: How many entries of a sparsified block are zeroed,
+            an int from 0 to the entries of a block; ``None``: all of them.
+        norm: ``"L1"`` or ``"L2"``.
+
+    Returns:
+        A mask of ``data``'s shape and dtype.
+
+    Raises:
+        ConfigError: A value out of its range.
     """
     level = _fraction("sparsity_level", sparsity_level)
     bh, bw = _block_shape(sparse_block_shape)

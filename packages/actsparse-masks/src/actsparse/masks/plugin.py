@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from actsparse.core import AggregateStrategy, MaskStrategy, ReduceStrategy, hookimpl
+from actsparse.masks._checks import (
+    check_block_norm,
+    check_magnitude,
+    check_n_m,
+    check_sample_dims,
+    check_target_threshold,
+    check_threshold,
+    check_topk,
+)
 from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
 from actsparse.masks._histogram import (
     HISTOGRAM_PARAMS,
     abs_histogram_aggregate,
+    check_abs_histogram,
     finalize_histogram,
     init_histogram,
     target_threshold,
@@ -43,6 +53,7 @@ def _streaming(
         params={SAMPLE_DIMS},
         description=description + "; keeps only the feature dims (sample_dims are folded)",
         combine=combine,
+        check=check_sample_dims,
     )
 
 
@@ -74,6 +85,7 @@ def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
             params=HISTOGRAM_PARAMS,
             combine="sum",
             takes_valid=True,
+            check=check_abs_histogram,
             description="log-spaced histogram of |x| over all positions (bounded memory), "
             "for target_threshold",
         ),
@@ -101,6 +113,7 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
         MaskStrategy(
             name="magnitude",
             fn=magnitude_mask,
+            check=check_magnitude,
             params={"sparsity_level"},
             required={"sparsity_level"},
             description="zero the round(sparsity_level * n) entries of smallest |x|",
@@ -108,6 +121,7 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
         MaskStrategy(
             name="threshold",
             fn=threshold_mask,
+            check=check_threshold,
             params={"threshold"},
             required={"threshold"},
             description="zero the entries with |x| <= threshold",
@@ -115,12 +129,14 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
         MaskStrategy(
             name="topk",
             fn=topk_mask,
+            check=check_topk,
             params={"k", "fraction", "dim"},
             description="keep the k (or round(fraction * size)) entries of largest |x| along dim",
         ),
         MaskStrategy(
             name="n_m",
             fn=n_m_mask,
+            check=check_n_m,
             params={"n", "m", "dim"},
             required={"n", "m"},
             description="keep the n entries of largest |x| in every m consecutive along dim",
@@ -128,6 +144,7 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
         MaskStrategy(
             name="block_norm",
             fn=block_norm_mask,
+            check=check_block_norm,
             params={"sparsity_level", "sparse_block_shape", "zeros_per_block", "norm"},
             required={"sparsity_level"},
             description="torch.ao DataNormSparsifier's mask: sparsify the blocks of smallest norm",
@@ -135,6 +152,7 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
         MaskStrategy(
             name="target_threshold",
             fn=target_threshold,
+            check=check_target_threshold,
             params={"sparsity_level"},
             required={"sparsity_level"},
             dynamic=True,

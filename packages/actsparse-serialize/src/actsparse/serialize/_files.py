@@ -253,10 +253,17 @@ def _read(fh: IO[bytes], size: int, where: Path, serializer: Serializer) -> byte
 def detect_format(head: bytes | bytearray, *, source: object = "the file") -> str:
     """The name of the registered file format whose ``sniff`` recognises ``head``.
 
-    ``head`` is the start of a file (its first ``SNIFF_BYTES`` bytes suffice).
     Every registered binary serializer with a ``sniff`` is asked, third
     parties' too. A file that none recognises is read as the default format,
     whose reader then says precisely what is wrong with it.
+
+    Args:
+        head: The start of a file; its first ``SNIFF_BYTES`` (64) bytes suffice.
+        source: What to call the file in an error message.
+
+    Returns:
+        The format's name (``"safetensors"``, ``"torch"``, or a plugin's), or
+        :data:`DEFAULT_FORMAT` when no format recognises ``head``.
 
     Raises:
         SerializationError: More than one format recognises it.
@@ -344,9 +351,23 @@ def load_into(
 ) -> None:
     """``sparsifier.load_state_dict(load(path))``, with the file named in any error.
 
-    A layer of the file that the sparsifier's model lacks raises
-    ``LayerNotFoundError``; on any error the sparsifier is unchanged.
-    ``max_elements`` caps what the file may declare, as for :func:`load`.
+    Args:
+        sparsifier: An ``ActivationSparsifier`` over a model of the architecture
+            the file was saved from.
+        path: The file.
+        format: The format to read; ``None`` detects it (see :func:`load`).
+        map_location: The device for every tensor; ``None`` keeps the CPU.
+        max_elements: Caps what the file may declare, as for :func:`load`.
+
+    Raises:
+        SerializationError: The file cannot be read (see :func:`load`), or a
+            layer's mask, threshold or data does not fit.
+        LayerNotFoundError: A layer of the file is not in the sparsifier's model.
+        UnknownStrategyError: The file names a strategy that no installed
+            plugin provides.
+        OSError: The file cannot be opened.
+
+    On any error the sparsifier is unchanged.
     """
     state_dict = load(path, format=format, map_location=map_location, max_elements=max_elements)
     try:
