@@ -352,7 +352,7 @@ def test_unknown_name_lists_known_names_and_the_package_of_a_builtin(
     message = str(info.value)
     assert f"unknown {LABELS[kind]} {asked!r}" in message
     # the package is named for a built-in name only (a third party's name is not in it)
-    assert (f"`pip install {PACKAGES[kind]}`." in message) == (asked in BUILTIN_NAMES[kind])
+    assert (f"`pip install {PACKAGES[kind]}`" in message) == (asked in BUILTIN_NAMES[kind])
     listed = message.split("known: ", 1)[1]
     if known:
         assert listed.startswith(", ".join(repr(n) for n in sorted(known)) + ".")
