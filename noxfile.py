@@ -23,7 +23,8 @@ PACKAGES = {
 FIXTURE_PLUGIN = str(ROOT / "tests" / "fixtures" / "actsparse-fixture-plugin")
 EXAMPLE_PLUGIN = ROOT / "examples" / "actsparse-example-plugin"
 # scikit-learn, matplotlib and tqdm: the actsparse-cli[demo] extra, for the CLI demo test;
-# safetensors: the tests prove that actsparse's own reader and writer agree with it.
+# safetensors: the tests prove that actsparse's own reader and writer agree with it;
+# transformers: sparsify()'s presets on a tiny random Llama (pinned as in BENCH_DEPS).
 TEST_DEPS = (
     "pytest>=8",
     "hypothesis>=6.100",
@@ -32,6 +33,7 @@ TEST_DEPS = (
     "scikit-learn>=1.3",
     "matplotlib>=3.7",
     "tqdm>=4.66",
+    "transformers==5.24.0",
 )
 # The manual's toolchain, pinned so that `mkdocs build --strict` is reproducible.
 DOCS_DEPS = (
