@@ -14,11 +14,39 @@ from typing import Any
 
 import torch
 
-WORDS = (
-    "the a model layer token text sparse dense input output value zero threshold batch "
-    "passage word simple small large fast slow first last every other some many few one "
-    "two three"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "layer",
+    "token",
+    "text",
+    "sparse",
+    "dense",
+    "input",
+    "output",
+    "value",
+    "zero",
+    "threshold",
+    "batch",
+    "passage",
+    "word",
+    "simple",
+    "small",
+    "large",
+    "fast",
+    "slow",
+    "first",
+    "last",
+    "every",
+    "other",
+    "some",
+    "many",
+    "few",
+    "one",
+    "two",
+    "three",
+]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 VOCAB = 64
 POSITIONS = 64

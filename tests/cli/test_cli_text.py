@@ -104,7 +104,9 @@ def test_calibrate_a_causal_model_by_preset_and_options(
     code, stdout, err = run(argv, capsys)
     assert code == 0, err
     assert len(thresholds(out)) == 14  # q, k, v, o, gate, up, down in two blocks
-    assert "10 passages" in stdout and "at most 8 per passage" in stdout and "2 batches" in stdout
+    assert "10 passages" in stdout
+    assert "at most 8 per passage" in stdout
+    assert "2 batches" in stdout
 
 
 def test_calibrate_layers_by_regular_expression(
@@ -125,7 +127,8 @@ def test_calibrate_shows_a_progress_bar_when_asked(
     argv = ["calibrate", bert, "--text", text, "--target", "0.5", "--out", out, "--progress"]
     code, _, err = run(argv, capsys)
     assert code == 0
-    assert "calibrating" in err and "batch" in err
+    assert "calibrating" in err
+    assert "batch" in err
 
 
 # ------------------------------------------------------------------ evaluate
@@ -162,7 +165,9 @@ def test_evaluate_an_encoder(
     assert 0.9 < result["cosine"] <= 1.0 + 1e-6
     assert result["time_ratio"] > 0
     assert "perplexity" not in result
-    assert "mean cosine" in stdout and "all layers" in stdout and "time over the dense" in stdout
+    assert "mean cosine" in stdout
+    assert "all layers" in stdout
+    assert "time over the dense" in stdout
 
 
 def test_evaluate_a_causal_model_on_held_out_passages_with_the_auto_kernel(
@@ -173,10 +178,12 @@ def test_evaluate_a_causal_model_on_held_out_passages_with_the_auto_kernel(
     code, stdout, err = run([*argv, "--kernel", "auto", *TIMING], capsys)
     assert code == 0, err
     result = json.loads(out.read_text())
-    assert result["passages"] == 12 and result["kernel"] == "auto"
+    assert result["passages"] == 12
+    assert result["kernel"] == "auto"
     assert len(result["layers"]) == 14
     assert abs(result["sparsity"] - 0.4) < 0.08
-    assert result["perplexity"] > 1 and result["dense_perplexity"] > 1
+    assert result["perplexity"] > 1
+    assert result["dense_perplexity"] > 1
     assert result["perplexity_change"] == pytest.approx(
         result["perplexity"] / result["dense_perplexity"] - 1
     )
@@ -254,13 +261,16 @@ def test_the_recipe_replays_the_sweeps_calibration(
     out = tmp_path / "sweep"
     argv = ["sweep", llama, "--text", text, "--targets", "0.2,0.4", "--out", out, *TIMING]
     argv += ["--max-tokens", "16", "--batch", "4", "--layers", r"model\.layers\.\d+\.mlp\..*"]
-    code, stdout, err = run(argv, capsys)
+    code, _stdout, err = run(argv, capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    assert "dense_perplexity" in results and "perplexity" in results["rows"][0]
+    assert "dense_perplexity" in results
+    assert "perplexity" in results["rows"][0]
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["target"] == results["recipe"]["target"]
-    assert recipe["split"] == "even" and recipe["max_tokens"] == 16 and recipe["batch"] == 4
+    assert recipe["split"] == "even"
+    assert recipe["max_tokens"] == 16
+    assert recipe["batch"] == 4
     replayed = tmp_path / "replayed.safetensors"
     code, _, err = run(
         ["calibrate", llama, "--text", text, "--recipe", out / "recipe.json", "--out", replayed],
@@ -291,7 +301,8 @@ def test_a_recipe_on_another_text_warns(
         ["calibrate", bert, "--text", text, "--recipe", recipe, "--out", out], capsys
     )
     assert code == 0
-    assert err.startswith("actsparse calibrate: warning: ") and "SHA-256 differs" in err
+    assert err.startswith("actsparse calibrate: warning: ")
+    assert "SHA-256 differs" in err
     assert list(thresholds(out)) == BERT_LAYERS
 
 
@@ -361,11 +372,13 @@ def test_a_missing_or_binary_text_file(
     bert: Path, tmp_path: Path, state_out: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = run(calibrate_argv(bert, tmp_path / "absent.txt", state_out), capsys)
-    assert code == 1 and "does not exist" in one_error_line(err, "calibrate")
+    assert code == 1
+    assert "does not exist" in one_error_line(err, "calibrate")
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00text")
     code, _, err = run(calibrate_argv(bert, binary, state_out), capsys)
-    assert code == 1 and "is not UTF-8 text" in one_error_line(err, "calibrate")
+    assert code == 1
+    assert "is not UTF-8 text" in one_error_line(err, "calibrate")
 
 
 @pytest.mark.parametrize("target", ["1", "1.5", "-0.1", "nan", "half"])
@@ -419,7 +432,8 @@ def test_a_layer_pattern_that_selects_nothing_or_does_not_compile(
     code, _, err = run(calibrate_argv(bert, text, state_out, "--layers", "dense"), capsys)
     assert code == 2
     line = one_error_line(err, "calibrate")
-    assert "matches the full name of no layer" in line and "encoder.layer.0" in line
+    assert "matches the full name of no layer" in line
+    assert "encoder.layer.0" in line
     code, _, err = run(calibrate_argv(bert, text, state_out, "--layers", "(unclosed"), capsys)
     assert code == 2
     assert "valid regular expression" in one_error_line(err, "calibrate")
@@ -443,7 +457,8 @@ def test_a_state_file_made_for_another_model(
     assert code == 1
     line = one_error_line(err, "evaluate")
     assert "was made for another model: 4 of its 4 layers are not in" in line
-    assert "'encoder.layer.0.intermediate.dense'" in line and "and 1 more" in line
+    assert "'encoder.layer.0.intermediate.dense'" in line
+    assert "and 1 more" in line
     assert not out.exists()
 
 
@@ -479,16 +494,19 @@ def test_output_paths_that_cannot_be_written(
         code, _, err = run(calibrate_argv(bert, text, out), capsys)
         assert code == 1
         line = one_error_line(err, "calibrate")
-        assert "cannot write the state file" in line and message in line
+        assert "cannot write the state file" in line
+        assert message in line
     code, _, err = run(
         ["evaluate", bert, bert_state, "--text", text, "--json", a_file / "x.json"], capsys
     )
-    assert code == 1 and "cannot write the JSON results" in one_error_line(err, "evaluate")
+    assert code == 1
+    assert "cannot write the JSON results" in one_error_line(err, "evaluate")
     code, _, err = run(["sweep", bert, "--text", text, "--out", a_file], capsys)
     assert code == 1
     assert "exists and is not a directory" in one_error_line(err, "sweep")
     code, _, err = run(["sweep", bert, "--text", text, "--out", a_file / "sub" / "dir"], capsys)
-    assert code == 1 and "is not a directory" in one_error_line(err, "sweep")
+    assert code == 1
+    assert "is not a directory" in one_error_line(err, "sweep")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
