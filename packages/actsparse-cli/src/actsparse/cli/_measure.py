@@ -184,25 +184,24 @@ def time_ratio(
 ) -> float:
     """The sparse model's time over the dense model's, timed side by side.
 
-    One untimed pass of each warms up; then each repetition times both, the
-    dense model first in even repetitions and second in odd ones, so that load
-    from other processes hits both sides of a ratio alike. The median ratio.
+    Both models have just run on these batches (the quality passes warm them
+    up). Each repetition times both, the dense model first in even
+    repetitions and second in odd ones, so that load from other processes
+    hits both sides of a ratio alike; the median of the ratios.
     """
-    plan = [("warm", "dense"), ("warm", "sparse")]
+    plan = []
     for rep in range(repeat):
         order = ("dense", "sparse") if rep % 2 == 0 else ("sparse", "dense")
-        plan.extend((str(rep), which) for which in order)
+        plan.extend((rep, which) for which in order)
     models = {"dense": dense, "sparse": sparse}
-    seconds: dict[str, dict[str, float]] = {}
+    seconds: list[dict[str, float]] = [{} for _ in range(repeat)]
 
-    def step(item: tuple[str, str]) -> None:
+    def step(item: tuple[int, str]) -> None:
         rep, which = item
-        seconds.setdefault(rep, {})[which] = _timed_pass(models[which], batches)
+        seconds[rep][which] = _timed_pass(models[which], batches)
 
     each(plan, step, desc="timing", progress=progress)
-    return statistics.median(
-        seconds[str(r)]["sparse"] / seconds[str(r)]["dense"] for r in range(repeat)
-    )
+    return statistics.median(times["sparse"] / times["dense"] for times in seconds)
 
 
 def evaluate(
