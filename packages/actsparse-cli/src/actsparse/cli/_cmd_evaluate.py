@@ -22,7 +22,7 @@ HELP = (
     "and time against the dense model"
 )
 
-#: How many interleaved repetitions the time ratio is the median of, by default.
+#: How many times each batch is timed on both models, by default.
 REPEAT = 3
 
 
@@ -63,7 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_recipe.positive_int,
         default=REPEAT,
         metavar="R",
-        help=f"timed repetitions of each model (default: {REPEAT})",
+        help=f"how many times each batch is timed on both models (default: {REPEAT})",
     )
 
 
@@ -149,8 +149,8 @@ def report(evaluation: _measure.Evaluation, kernel: str) -> str:
             f"{evaluation.dense_perplexity:.4g} ({evaluation.perplexity_change:+.1%})"
         )
     lines.append(
-        f"time over the dense model: {evaluation.time_ratio:.3f}x (kernel {kernel}; median of "
-        f"{evaluation.repeat} interleaved repetitions)"
+        f"time over the dense model: {evaluation.time_ratio:.3f}x (kernel {kernel}; median "
+        f"over {evaluation.repeat} repetitions of each batch, timed side by side)"
     )
     return "\n".join(lines)
 

@@ -92,7 +92,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_recipe.positive_int,
         default=REPEAT,
         metavar="R",
-        help=f"timed repetitions of each model per target (default: {REPEAT})",
+        help=f"how many times each batch is timed on both models, per target (default: {REPEAT})",
     )
     parser.add_argument(
         "--tolerance",
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     names = list(sparsifier.thresholds)
     layer_widths = widths(sparse_model.model, names)
-    print(f"calibrated {len(names)} layers ({args.layers}) once, in {seconds:.1f} s")
+    print(f"calibrated {len(names)} layers ({args.layers}) once, in {seconds:.1f} s", flush=True)
 
     rows: list[Row] = []
     states: dict[str, Any] = {}
@@ -270,6 +270,16 @@ def run(args: argparse.Namespace) -> int:
         name = state_name(target)
         states[name] = copy.deepcopy(sparsifier.state_dict())
         rows.append(Row(target=target, expected=expected, evaluation=result, state=name))
+        quality = (
+            f"cosine {result.cosine:.4f}"
+            if result.cosine is not None
+            else f"perplexity {result.perplexity:.4g}"
+        )
+        print(
+            f"target {target:g}: sparsity {result.sparsity:.1%}, {quality}, "
+            f"time over dense {result.time_ratio:.3f}x",
+            flush=True,
+        )
 
     chosen = choose(rows, args.tolerance)
     text = table(rows, text_model.kind, dense_reference.perplexity)

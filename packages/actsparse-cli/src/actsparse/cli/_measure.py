@@ -8,8 +8,8 @@
   language model, the perplexity of next-token prediction over real tokens,
   beside the dense model's.
 * Time: the sparse model's time over the dense model's on the same batches,
-  measured side by side: repetitions alternate which model runs first, each
-  gives a ratio, and the median is reported.
+  measured side by side: each batch runs through both back to back, in an
+  order that alternates, and the median of the ratios is reported.
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ class Evaluation:
         cosine: Encoders: the mean cosine of the passages' embeddings.
         perplexity: Causal models: the sparse model's perplexity.
         dense_perplexity: Causal models: the dense model's.
-        time_ratio: The sparse model's time over the dense model's (median of the repetitions).
-        repeat: How many timed repetitions the ratio is the median of.
+        time_ratio: The sparse model's time over the dense model's (the median over the
+            pairs of timed batches).
+        repeat: How many times each batch was timed on both models.
     """
 
     layers: dict[str, float]
@@ -166,11 +167,10 @@ class _ZeroCount:
         ]
 
 
-def _timed_pass(model: nn.Module, batches: Sequence[Batch]) -> float:
+def _timed(model: nn.Module, batch: Batch) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in batches:
-            model(**batch)
+        model(**batch)
     return time.perf_counter() - start
 
 
@@ -185,23 +185,26 @@ def time_ratio(
     """The sparse model's time over the dense model's, timed side by side.
 
     Both models have just run on these batches (the quality passes warm them
-    up). Each repetition times both, the dense model first in even
-    repetitions and second in odd ones, so that load from other processes
-    hits both sides of a ratio alike; the median of the ratios.
+    up). Each repetition runs every batch through both models back to back,
+    the dense model first for every other pair, so that load from other
+    processes hits both sides of a ratio alike; the median over all pairs of
+    the ratio within a pair.
     """
-    plan = []
-    for rep in range(repeat):
-        order = ("dense", "sparse") if rep % 2 == 0 else ("sparse", "dense")
-        plan.extend((rep, which) for which in order)
-    models = {"dense": dense, "sparse": sparse}
-    seconds: list[dict[str, float]] = [{} for _ in range(repeat)]
+    pairs = [(rep, index) for rep in range(repeat) for index in range(len(batches))]
+    ratios: list[float] = []
 
-    def step(item: tuple[int, str]) -> None:
-        rep, which = item
-        seconds[rep][which] = _timed_pass(models[which], batches)
+    def step(pair: tuple[int, int]) -> None:
+        rep, index = pair
+        batch = batches[index]
+        if (rep + index) % 2 == 0:
+            first = _timed(dense, batch)
+            ratios.append(_timed(sparse, batch) / first)
+        else:
+            second = _timed(sparse, batch)
+            ratios.append(second / _timed(dense, batch))
 
-    each(plan, step, desc="timing", progress=progress)
-    return statistics.median(times["sparse"] / times["dense"] for times in seconds)
+    each(pairs, step, desc="timing", progress=progress)
+    return statistics.median(ratios)
 
 
 def evaluate(
