@@ -226,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         recipe, digest = _recipe.read_recipe(args.recipe)
     settings = settings_of(args, recipe)
-    if settings.target is None:
+    target = settings.target
+    if target is None:
         raise UsageError("give --target T, or a --recipe that holds a target")
     transformers = _hf.require("calibrate")
     check_file(args.out, "the state file")
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         text_model,
         batches,
         text=args.text,
-        target=settings.target,
+        target=target,
         layers=settings.layers,
         allocation=settings.allocation,
         kernel="dense",
@@ -272,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         widths(text_model.model, names),
     )
     print(
-        f"expected sparsity over all layers: {expected:.1%} (target {settings.target:.1%}; "
+        f"expected sparsity over all layers: {expected:.1%} (target {target:.1%}; "
         "each layer weighted by its input width)"
     )
     save_state(sparsifier, args.out)
