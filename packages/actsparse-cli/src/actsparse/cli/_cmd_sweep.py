@@ -165,6 +165,9 @@ def plot(rows: Sequence[Row], kind: str, title: str, dense_perplexity: float | N
         label="time / dense",
     )
     speed.axhline(1.0, color="tab:orange", linestyle=":", alpha=0.5)
+    ratios = [row.evaluation.time_ratio for row in rows]
+    # at least 0.9 to 1.1, so that a few percent of timing noise does not fill the axis
+    speed.set_ylim(min(0.9, min(ratios) - 0.02), max(1.1, max(ratios) + 0.02))
     speed.set_ylabel("time over the dense model (side by side)")
     lines = axes.get_legend_handles_labels()
     more = speed.get_legend_handles_labels()
@@ -296,10 +299,8 @@ def run(args: argparse.Namespace) -> int:
             else f"the lowest (none has {loss} at most {args.tolerance:g})"
         )
     )
-    title = (
-        f"{type(dense).__name__} from {args.model_dir.name or args.model_dir}: quality and "
-        "time against sparsity"
-    )
+    where = "/".join(args.model_dir.resolve().parts[-2:])
+    title = f"{type(dense).__name__} ({where}): quality and time against sparsity"
     results = {
         "model": str(args.model_dir),
         "kind": text_model.kind,
