@@ -191,6 +191,16 @@ def test_evaluate_a_causal_model_on_held_out_passages_with_the_auto_kernel(
     assert "perplexity" in stdout
 
 
+def test_evaluate_shows_a_progress_bar_for_each_loop_when_asked(
+    bert: Path, bert_state: Path, text: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["evaluate", bert, bert_state, "--text", text, "--progress", *TIMING]
+    code, _, err = run(argv, capsys)
+    assert code == 0
+    for loop in ("dense model", "sparse model", "timing"):
+        assert f"{loop}:" in err, err
+
+
 def test_evaluate_counts_the_same_zeros_with_any_kernel(
     bert: Path, bert_state: Path, text: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
