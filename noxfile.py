@@ -27,7 +27,7 @@ EXAMPLE_PLUGIN = ROOT / "examples" / "actsparse-example-plugin"
 # transformers: sparsify()'s presets, the export tests and `actsparse calibrate`, `evaluate`
 # and `sweep` on tiny random BERT and Llama models (pinned as in BENCH_DEPS and the
 # actsparse-cli[hf] extra);
-# onnx, onnxscript and onnxruntime: the ONNX export of a squashed model (actsparse-hooks[onnx]).
+# onnx, onnxscript and onnxruntime: the ONNX export of a squashed model (optional for users).
 TEST_DEPS = (
     "pytest>=8",
     "hypothesis>=6.100",
