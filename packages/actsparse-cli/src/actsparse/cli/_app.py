@@ -48,6 +48,7 @@ __all__ = [
     "Command",
     "CommandError",
     "DuplicateCommandError",
+    "UsageError",
     "build_parser",
     "collect_commands",
     "main",
@@ -61,6 +62,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 class CommandError(ActsparseError, RuntimeError):
     """A command cannot go on; shown as ``actsparse NAME: error: ...``, exit status 1."""
+
+
+class UsageError(CommandError):
+    """An argument that parsed but does not fit what it is used on (such as a layer preset
+    that the model lacks); shown as ``actsparse NAME: error: ...``, exit status 2."""
 
 
 class DuplicateCommandError(ActsparseError, ValueError):
@@ -375,7 +381,7 @@ def _main(argv: Sequence[str] | None) -> int:
         status = command.run(args)
     except ActsparseError as exc:
         print(f"{PROG} {command.name}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         print(f"{PROG} {command.name}: interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,7 @@
 """actsparse-cli's ``actsparse`` entry point: the built-in subcommands.
 
-``plugins``, ``inspect`` and ``demo`` are added through the
+``plugins``, ``inspect``, ``demo``, and the text-model commands ``calibrate``,
+``evaluate`` and ``sweep`` are added through the
 ``actsparse_cli_commands`` hook, exactly as a third-party plugin adds its own.
 Every process that builds the strategy registry imports this module, so it
 imports nothing heavy: each command imports what it needs when it runs.
@@ -8,7 +9,14 @@ imports nothing heavy: each command imports what it needs when it runs.
 
 from __future__ import annotations
 
-from actsparse.cli import _cmd_demo, _cmd_inspect, _cmd_plugins
+from actsparse.cli import (
+    _cmd_calibrate,
+    _cmd_demo,
+    _cmd_evaluate,
+    _cmd_inspect,
+    _cmd_plugins,
+    _cmd_sweep,
+)
 from actsparse.cli._app import Command
 from actsparse.core import CommandRegistrar, hookimpl
 
@@ -33,6 +41,24 @@ COMMANDS: tuple[Command, ...] = (
         help=_cmd_demo.HELP,
         configure=_cmd_demo.configure,
         run=_cmd_demo.run,
+    ),
+    Command(
+        name="calibrate",
+        help=_cmd_calibrate.HELP,
+        configure=_cmd_calibrate.configure,
+        run=_cmd_calibrate.run,
+    ),
+    Command(
+        name="evaluate",
+        help=_cmd_evaluate.HELP,
+        configure=_cmd_evaluate.configure,
+        run=_cmd_evaluate.run,
+    ),
+    Command(
+        name="sweep",
+        help=_cmd_sweep.HELP,
+        configure=_cmd_sweep.configure,
+        run=_cmd_sweep.run,
     ),
 )
 

@@ -3,8 +3,10 @@
 :class:`ActivationSparsifier` is a drop-in replacement for
 ``torch.ao.pruning._experimental.activation_sparsifier.activation_sparsifier.ActivationSparsifier``;
 :func:`calibrate` runs a model over calibration batches, with a progress bar
-and a step count or time budget. This distribution holds the runtime only: the
-``actsparse`` command line and its demo come with ``actsparse-cli``.
+and a step count or time budget; :func:`sparsify` does threshold mode in one
+call, from calibration batches to a squashed sparsifier. This distribution
+holds the runtime only: the ``actsparse`` command line and its demo come with
+``actsparse-cli``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from actsparse.hooks._kernels import (
     to_output_major,
 )
 from actsparse.hooks._patterns import LayerRule
+from actsparse.hooks._presets import PRESETS
 from actsparse.hooks._sparsifier import ActivationSparsifier, WorkflowWarning
+from actsparse.hooks._sparsify import sparsify
 from actsparse.hooks._threshold import SparsityTargetWarning
 
 __version__ = importlib.metadata.version("actsparse-hooks")
@@ -38,6 +42,7 @@ __all__ = [
     "KernelStatus",
     "KernelUnavailableError",
     "KernelWarning",
+    "PRESETS",
     "LayerRule",
     "PrunedConv1d",
     "PrunedConv2d",
@@ -55,4 +60,5 @@ __all__ = [
     "to_input_major",
     "to_output_major",
     "layer_sensitivity",
+    "sparsify",
 ]

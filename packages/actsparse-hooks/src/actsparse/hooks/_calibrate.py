@@ -10,10 +10,12 @@ for instance) see the inputs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import attrs
@@ -22,7 +24,7 @@ from torch import nn
 
 from actsparse.core import ConfigError
 
-__all__ = ["CalibrationSummary", "calibrate"]
+__all__ = ["CalibrationSummary", "calibrate", "run_batch"]
 
 StopReason = Literal["exhausted", "steps", "time_budget"]
 
@@ -112,13 +114,13 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
-def _forward(model: nn.Module, batch: Any) -> None:
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` with ``batch`` as :func:`calibrate` does; return the output."""
     if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 def calibrate(
@@ -132,6 +134,7 @@ def calibrate(
     device: torch.device | str | None = None,
     eval_mode: bool = True,
     desc: str = "calibrating",
+    context: Callable[[Any], AbstractContextManager[Any]] | None = None,
 ) -> CalibrationSummary:
     """Run ``model`` over ``batches`` without gradients, so that its hooks see real data.
 
@@ -158,6 +161,9 @@ def calibrate(
             norm statistics frozen) and restore every submodule's training
             flag afterwards, also on error.
         desc: The progress bar's label.
+        context: Called with each batch (as the model receives it); the
+            forward pass runs inside the context manager it returns, such as
+            ``lambda b: sparsifier.valid_positions(b["attention_mask"].bool())``.
 
     Returns:
         A :class:`CalibrationSummary`.
@@ -190,6 +196,8 @@ def calibrate(
         raise ConfigError(f"eval_mode must be a bool, got {eval_mode!r}")
     if not isinstance(desc, str):
         raise ConfigError(f"desc must be a string, got {desc!r}")
+    if context is not None and not callable(context):
+        raise ConfigError(f"context must be callable or None, got {context!r}")
     target = torch.device(device) if device is not None else None
     bar_class = _progress_class(progress)
 
@@ -232,7 +240,8 @@ def calibrate(
                     samples = None
                 elif samples is not None:
                     samples += int(leading.shape[0])
-                _forward(model, batch)
+                with contextlib.nullcontext() if context is None else context(batch):
+                    run_batch(model, batch)
                 count += 1
                 if bar is not None:
                     bar.update(1)

@@ -1,0 +1,267 @@
+"""``sparsify()``: threshold mode in one call, from calibration batches to a squashed sparsifier.
+
+It composes the public steps and nothing else: :meth:`~ActivationSparsifier.register_layers`
+(a preset or rules), :func:`~actsparse.hooks.calibrate` (with the batches'
+attention masks as valid positions), :meth:`~ActivationSparsifier.step`,
+:meth:`~ActivationSparsifier.squash_mask`, the per-layer allocation
+(:func:`~actsparse.hooks.layer_sensitivity` and
+:meth:`~ActivationSparsifier.retarget`), and
+:meth:`~ActivationSparsifier.set_kernel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from actsparse.core import ActsparseError, ConfigError, get_registry
+from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
+from actsparse.hooks._calibrate import calibrate, run_batch
+from actsparse.hooks._execution import AUTO, DENSE
+from actsparse.hooks._presets import AUTO_PRESET, resolve_layers
+from actsparse.hooks._sparsifier import ActivationSparsifier
+
+__all__ = ["ALLOCATIONS", "sparsify"]
+
+#: The key of a batch (a mapping) whose positions are the real tokens.
+ATTENTION_MASK = "attention_mask"
+
+#: How the model-wide target is spread over the layers.
+ALLOCATIONS = ("uniform", "greedy")
+
+#: The grid of :func:`layer_sensitivity` for ``allocation="greedy"``.
+GREEDY_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def _check_target(target: object) -> float:
+    if (
+        isinstance(target, bool)
+        or not isinstance(target, (int, float))
+        or not math.isfinite(target)
+        or not 0.0 <= target < 1.0
+    ):
+        raise ConfigError(f"target must be a sparsity in [0, 1), got {target!r}")
+    return float(target)
+
+
+def _check_kernel(kernel: object) -> str:
+    if not isinstance(kernel, str):
+        raise ConfigError(f"kernel must be a kernel name or 'auto', got {kernel!r}")
+    if kernel != AUTO:
+        get_registry().get("kernel", kernel)  # UnknownStrategyError, naming the known ones
+    return kernel
+
+
+def _batches(calibration_batches: object) -> list[Any]:
+    if isinstance(calibration_batches, (torch.Tensor, str, bytes, Mapping)) or not isinstance(
+        calibration_batches, Iterable
+    ):
+        raise ConfigError(
+            "calibration_batches must be an iterable of batches (a list, a DataLoader), got "
+            f"{type(calibration_batches).__name__}; wrap a single batch in a list"
+        )
+    out = list(calibration_batches)
+    if not out:
+        raise ConfigError("calibration_batches is empty: calibration needs at least one batch")
+    return out
+
+
+def valid_mask(batch: Any) -> torch.Tensor | None:
+    """A mapping batch's ``attention_mask`` as a bool tensor, or None."""
+    if isinstance(batch, Mapping):
+        mask = batch.get(ATTENTION_MASK)
+        if isinstance(mask, torch.Tensor) and mask.ndim >= 1:
+            return mask.bool()
+    return None
+
+
+def first_output(output: Any) -> torch.Tensor | None:
+    """The model output's first tensor: the tensor itself, ``last_hidden_state`` or
+    ``logits`` of a ``transformers`` output, the first tensor of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values: Iterable[Any]
+    if isinstance(output, Mapping):
+        values = output.values()
+    elif isinstance(output, (tuple, list)):
+        values = output
+    else:
+        return None
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+class OutputError:
+    """``error()``: the relative squared error of the model's first output tensor on probe
+    batches, against the outputs recorded before any hook (real tokens only)."""
+
+    def __init__(self, model: nn.Module, probes: Sequence[Any], references: Sequence[Any]) -> None:
+        self.model = model
+        self.probes = list(probes)
+        self.references = list(references)
+
+    @staticmethod
+    def restrict(batch: Any, tensor: torch.Tensor) -> torch.Tensor:
+        mask = valid_mask(batch)
+        if mask is not None and tuple(tensor.shape[: mask.ndim]) == tuple(mask.shape):
+            return tensor[mask]
+        return tensor
+
+    def __call__(self) -> float:
+        num = den = 0.0
+        with torch.no_grad():
+            for batch, reference in zip(self.probes, self.references, strict=True):
+                out = first_output(run_batch(self.model, batch))
+                if out is None:  # pragma: no cover - checked on the reference already
+                    raise ConfigError("the model's output holds no tensor")
+                diff = self.restrict(batch, out.float() - reference)
+                num += float(diff.pow(2).sum())
+                den += float(self.restrict(batch, reference).pow(2).sum())
+        return num / den if den > 0 else num
+
+
+def _reference(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The model's first output tensor on ``batch``, before any hook: the dry run."""
+    training = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            output = run_batch(model, batch)
+    except ActsparseError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"the model rejects the first calibration batch ({type(exc).__name__}: {exc}); "
+            "a mapping is passed as keyword arguments, a tuple or list as positional "
+            "arguments, anything else as the one argument"
+        ) from exc
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+    tensor = first_output(output)
+    if tensor is None:
+        raise ConfigError(
+            f"the model's output ({type(output).__name__}) holds no tensor to measure the "
+            "error of sparsity on; use allocation='uniform'"
+        )
+    return tensor.detach().float()
+
+
+def _widths(sparsifier: ActivationSparsifier, names: Iterable[str]) -> dict[str, float]:
+    """Each layer's share of the model-wide count: its input width (every layer sees the
+    same tokens in the presets)."""
+    out = {}
+    for name in names:
+        module = sparsifier.data_groups[name]["layer"]
+        width = getattr(module, "in_features", None)
+        if not isinstance(width, int):
+            weight = getattr(module, "weight", None)
+            width = weight.shape[-1] if isinstance(weight, torch.Tensor) and weight.ndim > 1 else 1
+        out[name] = float(width)
+    return out
+
+
+def sparsify(
+    model: nn.Module,
+    calibration_batches: Iterable[Any],
+    *,
+    target: float,
+    layers: str | Mapping[Any, Any] | Sequence[Any] = AUTO_PRESET,
+    allocation: str = "uniform",
+    kernel: str = DENSE,
+    progress: bool | None = None,
+    probe_batches: int = 1,
+) -> ActivationSparsifier:
+    r"""Threshold-mode activation sparsity at a model-wide ``target``, in one call.
+
+    Registers the selected layers with the ``abs_histogram`` aggregate and the
+    ``target_threshold`` mask, runs ``calibration_batches`` through ``model``
+    (:func:`calibrate`; a mapping batch's ``attention_mask`` becomes the valid
+    positions), calls ``step()`` and ``squash_mask()``, spreads ``target``
+    over the layers (``allocation``) and returns the squashed sparsifier.
+
+    Args:
+        model: The model; its layers get the sparsify hooks.
+        calibration_batches: Batches as :func:`calibrate` takes them: a tensor
+            (``model(batch)``), a tuple or list (``model(*batch)``) or a
+            mapping (``model(**batch)``). They are iterated once into a list.
+        target: The model-wide sparsity in [0, 1): the share of the selected
+            layers' input entries that are zeroed, each layer counted by its
+            input width.
+        layers: A preset name (``"auto"``: the one whose module names the model
+            has; ``"bert"``; ``"llama"``) or the rules of
+            :meth:`~ActivationSparsifier.register_layers`.
+        allocation: ``"uniform"``: every layer at ``target``; ``"greedy"``:
+            :func:`layer_sensitivity` on the probe batches at 8 levels, then
+            :func:`allocate_greedy`.
+        kernel: Passed to ``set_kernel()`` at the end (``squash_mask``'s ``kernel``).
+        progress: The calibration progress bar (:func:`calibrate`'s ``progress``).
+        probe_batches: How many of the first batches measure the error that
+            the allocation weighs.
+
+    Raises:
+        ConfigError: A bad argument, an unknown preset or one that selects no
+            layer, no batch, or a first batch that the model rejects. Nothing
+            is attached to the model then.
+        UnknownStrategyError: No kernel of that name.
+
+    If the model raises during calibration, every hook is removed before the
+    error propagates.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    level = _check_target(target)
+    kernel = _check_kernel(kernel)
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(
+            f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}"
+        )
+    if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 1:
+        raise ConfigError(f"probe_batches must be a positive int, got {probe_batches!r}")
+    if progress not in (None, True, False):
+        raise ConfigError(f"progress must be True, False or None, got {progress!r}")
+    batches = _batches(calibration_batches)
+    rules = resolve_layers(model, layers)
+    probes = batches[:probe_batches]
+    references = [_reference(model, batch) for batch in probes]
+
+    sparsifier = ActivationSparsifier(
+        model,
+        aggregate_fn="abs_histogram",
+        reduce_fn="identity",
+        mask_fn="target_threshold",
+        sparsity_level=level,
+    )
+    names = sparsifier.register_layers(rules)
+    try:
+        calibrate(model, batches, progress=progress, context=_valid_context(sparsifier))
+        sparsifier.step()
+        sparsifier.squash_mask()
+        if allocation == "greedy" and level > 0:
+            error = OutputError(model, probes, references)
+            table = layer_sensitivity(sparsifier, error, GREEDY_LEVELS)
+            sparsifier.retarget(allocate_greedy(table, level, _widths(sparsifier, names)))
+        if kernel != DENSE:
+            sparsifier.set_kernel(kernel)
+    except BaseException:
+        for name in names:
+            sparsifier.unregister_layer(name)
+        raise
+    return sparsifier
+
+
+def _valid_context(
+    sparsifier: ActivationSparsifier,
+) -> Callable[[Any], contextlib.AbstractContextManager[Any]]:
+    def context(batch: Any) -> contextlib.AbstractContextManager[Any]:
+        mask = valid_mask(batch)
+        return contextlib.nullcontext() if mask is None else sparsifier.valid_positions(mask)
+
+    return context

@@ -1,0 +1,329 @@
+"""sparsify(): threshold mode in one call, its presets, and the input it refuses.
+
+The toy encoder is named like a BERT encoder so that the ``"bert"`` preset
+finds it; its batches are mappings with an attention mask, as a tokenizer
+gives them. The decoder tests build a tiny random Llama with ``transformers``
+(skipped when it is not installed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from actsparse.core import ConfigError, UnknownStrategyError
+from actsparse.hooks import PRESETS, ActivationSparsifier, sparsify
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(width, width)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(width, 4 * width)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention.output.dense(x)
+        return x + self.output.dense(torch.nn.functional.gelu(self.intermediate.dense(x)))
+
+
+class Encoder(nn.Module):
+    """``forward(x, attention_mask=None)``; padded positions hold large values, so that
+    counting them would move every threshold."""
+
+    def __init__(self, width: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList([Block(width) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.encoder.layer:
+            x = block(x)
+        return x
+
+
+def padded(batch: int = 6, length: int = 10, width: int = 16) -> dict[str, torch.Tensor]:
+    lengths = torch.randint(3, length + 1, (batch,))
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    x = torch.randn(batch, length, width)
+    x = torch.where(mask[..., None], x, 50 * torch.ones_like(x))
+    return {"x": x, "attention_mask": mask.long()}
+
+
+def model_and_batches(count: int = 6) -> tuple[Encoder, list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    return Encoder().eval(), [padded() for _ in range(count)]
+
+
+def hooked(model: nn.Module) -> list[str]:
+    """The modules that carry a hook or a replaced forward."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__
+    ]
+
+
+BERT_MLP = [
+    "encoder.layer.0.intermediate.dense",
+    "encoder.layer.0.output.dense",
+    "encoder.layer.1.intermediate.dense",
+    "encoder.layer.1.output.dense",
+]
+
+
+def real_token_sparsity(model: nn.Module, names: list[str], batches: list[Any]) -> float:
+    zeros = total = 0
+    current: dict[str, torch.Tensor] = {}
+
+    def count(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal zeros, total
+        real = args[0][current["mask"]]
+        zeros += int((real == 0).sum())
+        total += real.numel()
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(count) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"] = batch["attention_mask"].bool()
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return zeros / total
+
+
+def test_one_call_returns_a_squashed_sparsifier_at_the_target() -> None:
+    model, batches = model_and_batches()
+    sparsifier = sparsify(model, batches, target=0.5)
+    assert isinstance(sparsifier, ActivationSparsifier)
+    assert list(sparsifier.thresholds) == BERT_MLP  # the attention's output.dense is not selected
+    assert all(g["hook_state"] == "sparsify" for g in sparsifier.data_groups.values())
+    assert sorted(hooked(model)) == BERT_MLP
+    torch.manual_seed(1)
+    fresh = [padded() for _ in range(6)]
+    assert abs(real_token_sparsity(model, BERT_MLP, fresh) - 0.5) < 0.03
+
+
+def test_the_attention_mask_becomes_the_valid_positions() -> None:
+    model, batches = model_and_batches()
+    by_hand = ActivationSparsifier(
+        model, aggregate_fn="abs_histogram", reduce_fn="identity", mask_fn="target_threshold"
+    )
+    by_hand.register_layers({PRESETS["bert"].patterns[0]: {"sparsity_level": 0.4}})
+    with torch.no_grad():
+        for batch in batches:
+            with by_hand.valid_positions(batch["attention_mask"].bool()):
+                model(**batch)
+    by_hand.step()
+    expected = by_hand.thresholds
+    for name in list(expected):
+        by_hand.unregister_layer(name)
+
+    got = sparsify(model, batches, target=0.4, layers="bert", allocation="uniform")
+    assert got.thresholds == expected
+    # the padding holds 50s: counted, they would have moved every threshold
+    counted = sparsify(
+        Encoder().eval(), [b["x"] for b in batches], target=0.4, layers="bert"
+    ).thresholds
+    assert all(counted[n].threshold != expected[n].threshold for n in expected)
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "list", "dict"])
+def test_batches_may_be_tensors_tuples_or_dicts(form: str) -> None:
+    model, batches = model_and_batches(3)
+    shaped = {
+        "tensor": [b["x"] for b in batches],
+        "tuple": [(b["x"],) for b in batches],
+        "list": [[b["x"]] for b in batches],
+        "dict": [{"x": b["x"]} for b in batches],
+    }[form]
+    sparsifier = sparsify(model, iter(shaped), target=0.3)  # any iterable, once
+    assert set(sparsifier.thresholds) == set(BERT_MLP)
+
+
+def test_greedy_allocation_meets_the_model_wide_target() -> None:
+    model, batches = model_and_batches()
+    sparsifier = sparsify(model, batches, target=0.5, allocation="greedy")
+    levels = {n: r.target for n, r in sparsifier.thresholds.items()}
+    widths = {n: model.get_submodule(n).in_features for n in levels}
+    mean = sum(widths[n] * levels[n] for n in levels) / sum(widths.values())
+    assert math.isclose(mean, 0.5, abs_tol=1e-9)
+    assert len(set(levels.values())) > 1
+    assert sorted(hooked(model)) == BERT_MLP
+
+
+def test_rules_select_layers_like_register_layers() -> None:
+    model, batches = model_and_batches(2)
+    sparsifier = sparsify(model, batches, target=0.25, layers={nn.Linear: None})
+    assert len(sparsifier.thresholds) == 6
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _refused(model: nn.Module, batches: Any, error: type[Exception], match: str, **kw: Any) -> None:
+    kw.setdefault("target", 0.5)
+    with pytest.raises(error, match=match):
+        sparsify(model, batches, **kw)
+    assert hooked(model) == []
+
+
+@pytest.mark.parametrize("target", [-0.1, 1.0, 1.5, math.nan, True, "0.5", None])
+def test_a_target_outside_0_1_is_refused(target: Any) -> None:
+    model, batches = model_and_batches(1)
+    _refused(model, batches, ConfigError, "target must be a sparsity in", target=target)
+
+
+def test_no_batches_are_refused() -> None:
+    model, _ = model_and_batches(0)
+    _refused(model, [], ConfigError, "calibration_batches is empty")
+    _refused(model, iter(()), ConfigError, "calibration_batches is empty")
+    _refused(model, torch.ones(2, 3, 16), ConfigError, "wrap a single batch in a list")
+
+
+def test_a_batch_the_model_rejects_is_refused_before_hooks() -> None:
+    model, batches = model_and_batches(2)
+    bad = [{"y": b["x"]} for b in batches]
+    with pytest.raises(ConfigError, match="the model rejects the first calibration batch") as info:
+        sparsify(model, bad, target=0.5)
+    assert isinstance(info.value.__cause__, TypeError)
+    assert hooked(model) == []
+
+
+def test_a_model_that_raises_mid_calibration_keeps_no_hook() -> None:
+    model, batches = model_and_batches(4)
+    calls = 0
+
+    def fail_on_third(module: nn.Module, args: Any, kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("out of memory, say")
+
+    handle = model.register_forward_pre_hook(fail_on_third, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sparsify(model, batches, target=0.5)
+    handle.remove()
+    assert hooked(model) == []
+
+
+def test_unknown_and_unmatched_presets_list_the_presets() -> None:
+    model, batches = model_and_batches(1)
+    _refused(
+        model, batches, ConfigError, "unknown layer preset 'gpt'.*'bert'.*'llama'", layers="gpt"
+    )
+    _refused(model, batches, ConfigError, "preset 'llama' selects no layer.*'bert'", layers="llama")
+    plain = nn.Sequential(nn.Linear(4, 4))
+    _refused(plain, [torch.ones(2, 4)], ConfigError, "no preset matches.*'bert'.*'llama'")
+    _refused(plain, [torch.ones(2, 4)], ConfigError, "must be a preset name", layers=3)
+
+
+def test_rules_that_select_nothing_are_refused() -> None:
+    model, batches = model_and_batches(1)
+    _refused(model, batches, ConfigError, "selected no layer", layers={r"nothing\.here": None})
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"kernel": "no_such_kernel"}, UnknownStrategyError, "no_such_kernel"),
+        ({"kernel": 3}, ConfigError, "kernel must be"),
+        ({"allocation": "best"}, ConfigError, "allocation must be one of"),
+        ({"probe_batches": 0}, ConfigError, "probe_batches"),
+        ({"progress": "yes"}, ConfigError, "progress must be"),
+    ],
+)
+def test_bad_options_are_refused_before_anything(kw: Any, error: type, match: str) -> None:
+    model, batches = model_and_batches(1)
+    _refused(model, batches, error, match, **kw)
+
+
+def test_not_a_model_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"torch\.nn\.Module"):
+        sparsify(object(), [torch.ones(1)], target=0.5)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------- decoder presets
+
+
+def tiny_llama() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def token_batches(count: int, batch: int = 3, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for _ in range(count):
+        lengths = torch.randint(4, length + 1, (batch,))
+        mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(0, 64, (batch, length)) * mask
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+LLAMA_SUFFIXES = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+def test_the_llama_preset_selects_teals_projections() -> None:
+    model = tiny_llama()
+    torch.manual_seed(0)
+    batches = token_batches(4)
+    sparsifier = sparsify(model, batches, target=0.4)  # "auto" finds the decoder preset
+    expected = {f"model.layers.{i}.{s}" for i in range(2) for s in LLAMA_SUFFIXES}
+    assert set(sparsifier.thresholds) == expected
+    assert sorted(hooked(model)) == sorted(expected)
+    names = sorted(expected)
+    got = real_token_sparsity(model, names, token_batches(4))
+    assert abs(got - 0.4) < 0.06, got
+
+
+def test_the_llama_preset_by_name_with_greedy_allocation() -> None:
+    model = tiny_llama()
+    torch.manual_seed(0)
+    sparsifier = sparsify(model, token_batches(3), target=0.5, layers="llama", allocation="greedy")
+    levels = {n: r.target for n, r in sparsifier.thresholds.items()}
+    widths = {n: model.get_submodule(n).in_features for n in levels}
+    mean = sum(widths[n] * levels[n] for n in levels) / sum(widths.values())
+    assert math.isclose(mean, 0.5, abs_tol=1e-9)
+    with torch.no_grad():
+        out = model(**token_batches(1)[0]).logits
+    assert torch.isfinite(out).all()
+
+
+def test_the_bert_preset_refuses_a_decoder() -> None:
+    model = tiny_llama()
+    _refused(
+        model,
+        token_batches(1),
+        ConfigError,
+        "preset 'bert' selects no layer.*'llama'",
+        layers="bert",
+    )
