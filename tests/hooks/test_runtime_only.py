@@ -14,10 +14,10 @@ def test_no_command_line_demo_or_test_model_module(module: str) -> None:
     assert importlib.util.find_spec(f"actsparse.hooks.{module}") is None
 
 
-def test_no_console_script_and_only_the_progress_extra() -> None:
+def test_no_console_script_and_only_the_progress_and_triton_extras() -> None:
     dist = importlib.metadata.distribution("actsparse-hooks")
     assert [ep.name for ep in dist.entry_points if ep.group == "console_scripts"] == []
-    assert dist.metadata.get_all("Provides-Extra") == ["progress"]
+    assert dist.metadata.get_all("Provides-Extra") == ["progress", "triton"]
 
 
 def test_requires_nothing_of_the_command_line() -> None:

@@ -6,6 +6,9 @@ entry-point group like any third party's.
 * ``cpu_sparse``: the zero-skipping ``actsparse::sparse_linear`` op for
   ``nn.Linear`` layers on the CPU in float32 or bfloat16, compiled on first
   use; it stores the layer's weight input-major, once.
+* ``triton_sparse``: the same for ``nn.Linear`` layers on CUDA in float16 or
+  bfloat16, a Triton kernel; it needs the ``actsparse-hooks[triton]`` extra
+  (:mod:`actsparse.hooks._triton`, which imports triton only when the kernel runs).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from actsparse.hooks._kernels import (
     sparse_linear,
     to_input_major,
 )
+from actsparse.hooks._triton import kernel_strategy as triton_kernel_strategy
 
 __all__ = ["actsparse_kernels"]
 
@@ -81,4 +85,5 @@ def actsparse_kernels() -> list[KernelStrategy]:
             description="nn.Linear on the CPU (float32, bfloat16): skips the weight rows of "
             "zeroed inputs; compiled on first use",
         ),
+        triton_kernel_strategy(),
     ]

@@ -1,0 +1,153 @@
+"""``actsparse::triton_sparse_linear``: the Triton kernel as a torch custom op.
+
+``triton_sparse_linear(x, weight_t, bias, threshold)`` computes
+``F.linear(F.hardshrink(x, threshold), weight_t.T, bias)`` like
+``actsparse::sparse_linear`` (same arguments, same meaning: ``weight_t`` is
+the input-major weight, :func:`~actsparse.hooks.to_input_major`).
+
+* CUDA tensors of dtype float16 or bfloat16: the Triton kernel, which reads
+  only the weight rows of kept inputs. Without triton it raises
+  :class:`~actsparse.hooks.KernelUnavailableError` (a ``ConfigError``).
+* CPU tensors: the dense reference, unless Triton's interpreter is on
+  (``TRITON_INTERPRET=1`` before the kernel was first used): then the same
+  kernel runs, interpreted on the CPU, slowly. That is how the kernel is
+  tested without a GPU.
+* Every other dtype or device: the dense reference.
+
+The op has a fake implementation, so ``torch.compile(fullgraph=True)`` traces
+it as one node, and the autograd formula of ``actsparse::sparse_linear``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from actsparse.core import ConfigError
+from actsparse.hooks._kernels import KernelUnavailableError, sparse_linear_reference
+from actsparse.hooks._kernels._ops import _backward, _setup_context
+from actsparse.hooks._triton._status import TRITON_DTYPES, interpreter_requested, status
+
+__all__ = ["OP_NAME", "triton_sparse_linear"]
+
+OP_NAME = "actsparse::triton_sparse_linear"
+_KERNEL_MODULE = "actsparse.hooks._triton._kernel"
+
+
+def _check(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> None:
+    where = "triton_sparse_linear"
+    if x.dim() < 1:
+        raise ConfigError(f"{where}: x must have a feature dimension, got shape {x.shape}")
+    if weight_t.dim() != 2:
+        raise ConfigError(
+            f"{where}: weight_t must be 2-D (in_features, out_features), got {weight_t.shape}"
+        )
+    if x.shape[-1] != weight_t.shape[0]:
+        raise ConfigError(
+            f"{where}: x has {x.shape[-1]} features but weight_t is {tuple(weight_t.shape)} "
+            "(in_features, out_features); pass the input-major weight, linear.weight.T"
+        )
+    if bias is not None and tuple(bias.shape) != (weight_t.shape[1],):
+        raise ConfigError(
+            f"{where}: bias must have shape ({weight_t.shape[1]},), got {tuple(bias.shape)}"
+        )
+    tensors = [x, weight_t] if bias is None else [x, weight_t, bias]
+    if len({t.dtype for t in tensors}) != 1:
+        raise ConfigError(
+            f"{where}: x, weight_t and bias must share one dtype, got "
+            + ", ".join(str(t.dtype) for t in tensors)
+        )
+    if len({t.device for t in tensors}) != 1:
+        raise ConfigError(
+            f"{where}: x, weight_t and bias must be on one device, got "
+            + ", ".join(str(t.device) for t in tensors)
+        )
+
+
+def _kernels() -> ModuleType:
+    """The kernel module (it imports triton), or the error that says what is missing."""
+    try:
+        return importlib.import_module(_KERNEL_MODULE)
+    except ImportError as exc:
+        raise KernelUnavailableError(
+            f"the Triton kernel is unavailable: {status().reason}"
+        ) from exc
+
+
+def interpreted_kernels() -> ModuleType | None:
+    """The kernel module when Triton's interpreter runs it on CPU tensors, else None."""
+    if not interpreter_requested():
+        return None
+    try:
+        module = importlib.import_module(_KERNEL_MODULE)
+    except ImportError:
+        return None
+    return module if module.INTERPRETED else None
+
+
+_SCHEMA = "triton_sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, float threshold) -> Tensor"
+# A fragment: actsparse::sparse_linear lives in the same namespace.
+_library = torch.library.Library("actsparse", "FRAGMENT")  # type: ignore[no-untyped-call]
+_library.define(_SCHEMA)  # type: ignore[no-untyped-call]
+_op = torch.ops.actsparse.triton_sparse_linear.default
+
+
+def triton_sparse_linear(
+    x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float
+) -> Tensor:
+    """``F.linear(F.hardshrink(x, threshold), weight_t.T, bias)`` by the Triton kernel on CUDA.
+
+    Calls the torch operator ``torch.ops.actsparse.triton_sparse_linear``.
+    ``x`` is ``(*, in_features)`` with any strides, ``weight_t`` ``(in_features,
+    out_features)`` (contiguous reads fastest; it is never copied), ``bias``
+    ``(out_features,)`` or None. An input entry is kept iff ``not |x| <=
+    threshold``, the threshold rounded to x's dtype as hardshrink rounds it,
+    so NaN and inf inputs propagate as in the dense product; products are
+    summed in float32. With non-finite *weights* the result may differ from
+    the dense one, since a dropped input never multiplies its row.
+
+    Raises :class:`~actsparse.core.ConfigError` for shapes, dtypes or devices
+    that do not fit together, and :class:`~actsparse.hooks.KernelUnavailableError`
+    for float16 or bfloat16 CUDA tensors when triton is not installed.
+    """
+    y: Tensor = _op(x, weight_t, bias, threshold)
+    return y
+
+
+def _kernel_cuda(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    _check(x, weight_t, bias)
+    if x.dtype not in TRITON_DTYPES:
+        return sparse_linear_reference(x, weight_t, bias, threshold)
+    kernels = _kernels()
+    with torch.cuda.device(x.device):
+        y: Tensor = kernels.run(x, weight_t, bias, threshold)
+    return y
+
+
+def _kernel_cpu(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    _check(x, weight_t, bias)
+    kernels = interpreted_kernels() if x.dtype in TRITON_DTYPES else None
+    if kernels is None:
+        return sparse_linear_reference(x, weight_t, bias, threshold)
+    y: Tensor = kernels.run(x, weight_t, bias, threshold)
+    return y
+
+
+def _kernel_other(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    _check(x, weight_t, bias)
+    return sparse_linear_reference(x, weight_t, bias, threshold)
+
+
+def _fake(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    _check(x, weight_t, bias)
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+torch.library.impl(OP_NAME, "CUDA", _kernel_cuda, lib=_library)
+torch.library.impl(OP_NAME, "CPU", _kernel_cpu, lib=_library)
+torch.library.impl(OP_NAME, "CompositeExplicitAutograd", _kernel_other, lib=_library)
+torch.library.register_fake(OP_NAME, _fake, lib=_library)
+torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context, lib=_library)
