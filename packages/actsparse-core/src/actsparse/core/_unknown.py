@@ -21,7 +21,7 @@ BUILTIN_NAMES: Mapping[str, frozenset[str]] = {
     "reduce": frozenset({"mean", "identity", "sum", "max", "l2"}),
     "mask": frozenset({"magnitude", "threshold", "topk", "n_m", "block_norm", "target_threshold"}),
     "serializer": frozenset({"sparse_coo", "safetensors", "torch"}),
-    "kernel": frozenset({"dense", "cpu_sparse"}),
+    "kernel": frozenset({"dense", "cpu_sparse", "triton_sparse"}),
 }
 
 
