@@ -25,7 +25,15 @@ from torch import Tensor
 from actsparse.core import ConfigError
 from actsparse.hooks._kernels._build import NAMESPACE, require_cpu_kernel
 
-__all__ = ["KERNEL_DTYPES", "OP_NAME", "sparse_linear", "sparse_linear_reference"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "OP_NAME",
+    "backward",
+    "check_arguments",
+    "setup_context",
+    "sparse_linear",
+    "sparse_linear_reference",
+]
 
 OP_NAME = "actsparse::sparse_linear"
 #: the dtypes the compiled kernel runs; others take the dense reference
@@ -39,31 +47,34 @@ def sparse_linear_reference(
     return F.linear(F.hardshrink(x, threshold), weight_t.T, bias)
 
 
-def _check(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> None:
+def check_arguments(
+    x: Tensor, weight_t: Tensor, bias: Tensor | None, *, op: str = "sparse_linear"
+) -> None:
+    """Refuse arguments that no zero-skipping linear op accepts, naming ``op``."""
     if x.dim() < 1:
-        raise ConfigError(f"sparse_linear: x must have a feature dimension, got shape {x.shape}")
+        raise ConfigError(f"{op}: x must have a feature dimension, got shape {x.shape}")
     if weight_t.dim() != 2:
         raise ConfigError(
-            f"sparse_linear: weight_t must be 2-D (in_features, out_features), got {weight_t.shape}"
+            f"{op}: weight_t must be 2-D (in_features, out_features), got {weight_t.shape}"
         )
     if x.shape[-1] != weight_t.shape[0]:
         raise ConfigError(
-            f"sparse_linear: x has {x.shape[-1]} features but weight_t is {tuple(weight_t.shape)} "
+            f"{op}: x has {x.shape[-1]} features but weight_t is {tuple(weight_t.shape)} "
             "(in_features, out_features); pass the input-major weight, linear.weight.T"
         )
     if bias is not None and tuple(bias.shape) != (weight_t.shape[1],):
         raise ConfigError(
-            f"sparse_linear: bias must have shape ({weight_t.shape[1]},), got {tuple(bias.shape)}"
+            f"{op}: bias must have shape ({weight_t.shape[1]},), got {tuple(bias.shape)}"
         )
     tensors = [x, weight_t] if bias is None else [x, weight_t, bias]
     if len({t.dtype for t in tensors}) != 1:
         raise ConfigError(
-            "sparse_linear: x, weight_t and bias must share one dtype, got "
+            f"{op}: x, weight_t and bias must share one dtype, got "
             + ", ".join(str(t.dtype) for t in tensors)
         )
     if len({t.device for t in tensors}) != 1:
         raise ConfigError(
-            "sparse_linear: x, weight_t and bias must be on one device, got "
+            f"{op}: x, weight_t and bias must be on one device, got "
             + ", ".join(str(t.device) for t in tensors)
         )
 
@@ -98,7 +109,7 @@ def sparse_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: f
 
 
 def _kernel_cpu(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
-    _check(x, weight_t, bias)
+    check_arguments(x, weight_t, bias)
     if x.dtype not in KERNEL_DTYPES:
         return sparse_linear_reference(x, weight_t, bias, threshold)
     require_cpu_kernel()
@@ -109,12 +120,12 @@ def _kernel_cpu(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: flo
 
 
 def _kernel_other(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
-    _check(x, weight_t, bias)
+    check_arguments(x, weight_t, bias)
     return sparse_linear_reference(x, weight_t, bias, threshold)
 
 
 def _fake(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
-    _check(x, weight_t, bias)
+    check_arguments(x, weight_t, bias)
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
@@ -127,7 +138,7 @@ torch.library.register_fake(OP_NAME, _fake, lib=_library)
 # ------------------------------------------------------------------ autograd
 
 
-def _setup_context(
+def setup_context(
     ctx: torch.autograd.function.FunctionCtx,
     inputs: tuple[Tensor, Tensor, Tensor | None, float],
     output: Tensor,
@@ -138,7 +149,7 @@ def _setup_context(
     ctx.has_bias = bias is not None  # type: ignore[attr-defined]
 
 
-def _backward(
+def backward(
     ctx: torch.autograd.function.FunctionCtx, grad: Tensor
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
     x, weight_t = ctx.saved_tensors  # type: ignore[attr-defined]
@@ -155,4 +166,4 @@ def _backward(
     return grad_x, grad_weight_t, grad_bias, None
 
 
-torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context, lib=_library)
+torch.library.register_autograd(OP_NAME, backward, setup_context=setup_context, lib=_library)

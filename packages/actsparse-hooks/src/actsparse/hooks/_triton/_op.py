@@ -26,45 +26,14 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from actsparse.core import ConfigError
 from actsparse.hooks._kernels import KernelUnavailableError, sparse_linear_reference
-from actsparse.hooks._kernels._ops import _backward, _setup_context
+from actsparse.hooks._kernels._ops import backward, check_arguments, setup_context
 from actsparse.hooks._triton._status import TRITON_DTYPES, interpreter_requested, status
 
 __all__ = ["OP_NAME", "triton_sparse_linear"]
 
 OP_NAME = "actsparse::triton_sparse_linear"
 _KERNEL_MODULE = "actsparse.hooks._triton._kernel"
-
-
-def _check(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> None:
-    where = "triton_sparse_linear"
-    if x.dim() < 1:
-        raise ConfigError(f"{where}: x must have a feature dimension, got shape {x.shape}")
-    if weight_t.dim() != 2:
-        raise ConfigError(
-            f"{where}: weight_t must be 2-D (in_features, out_features), got {weight_t.shape}"
-        )
-    if x.shape[-1] != weight_t.shape[0]:
-        raise ConfigError(
-            f"{where}: x has {x.shape[-1]} features but weight_t is {tuple(weight_t.shape)} "
-            "(in_features, out_features); pass the input-major weight, linear.weight.T"
-        )
-    if bias is not None and tuple(bias.shape) != (weight_t.shape[1],):
-        raise ConfigError(
-            f"{where}: bias must have shape ({weight_t.shape[1]},), got {tuple(bias.shape)}"
-        )
-    tensors = [x, weight_t] if bias is None else [x, weight_t, bias]
-    if len({t.dtype for t in tensors}) != 1:
-        raise ConfigError(
-            f"{where}: x, weight_t and bias must share one dtype, got "
-            + ", ".join(str(t.dtype) for t in tensors)
-        )
-    if len({t.device for t in tensors}) != 1:
-        raise ConfigError(
-            f"{where}: x, weight_t and bias must be on one device, got "
-            + ", ".join(str(t.device) for t in tensors)
-        )
 
 
 def _kernels() -> ModuleType:
@@ -118,7 +87,7 @@ def triton_sparse_linear(
 
 
 def _kernel_cuda(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
-    _check(x, weight_t, bias)
+    check_arguments(x, weight_t, bias, op="triton_sparse_linear")
     if x.dtype not in TRITON_DTYPES:
         return sparse_linear_reference(x, weight_t, bias, threshold)
     kernels = _kernels()
@@ -128,7 +97,7 @@ def _kernel_cuda(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: fl
 
 
 def _kernel_cpu(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
-    _check(x, weight_t, bias)
+    check_arguments(x, weight_t, bias, op="triton_sparse_linear")
     kernels = interpreted_kernels() if x.dtype in TRITON_DTYPES else None
     if kernels is None:
         return sparse_linear_reference(x, weight_t, bias, threshold)
@@ -137,12 +106,12 @@ def _kernel_cpu(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: flo
 
 
 def _kernel_other(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
-    _check(x, weight_t, bias)
+    check_arguments(x, weight_t, bias, op="triton_sparse_linear")
     return sparse_linear_reference(x, weight_t, bias, threshold)
 
 
 def _fake(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
-    _check(x, weight_t, bias)
+    check_arguments(x, weight_t, bias, op="triton_sparse_linear")
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
@@ -150,4 +119,4 @@ torch.library.impl(OP_NAME, "CUDA", _kernel_cuda, lib=_library)
 torch.library.impl(OP_NAME, "CPU", _kernel_cpu, lib=_library)
 torch.library.impl(OP_NAME, "CompositeExplicitAutograd", _kernel_other, lib=_library)
 torch.library.register_fake(OP_NAME, _fake, lib=_library)
-torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context, lib=_library)
+torch.library.register_autograd(OP_NAME, backward, setup_context=setup_context, lib=_library)
