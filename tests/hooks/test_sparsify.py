@@ -239,7 +239,9 @@ def test_rules_that_select_nothing_are_refused() -> None:
         ({"kernel": "no_such_kernel"}, UnknownStrategyError, "no_such_kernel"),
         ({"kernel": 3}, ConfigError, "kernel must be"),
         ({"allocation": "best"}, ConfigError, "allocation must be one of"),
-        ({"probe_batches": 0}, ConfigError, "probe_batches"),
+        ({"probe_examples": 0}, ConfigError, "probe_examples"),
+        ({"mask_fn": "magnitude"}, ConfigError, "not a threshold strategy.*weighted_threshold"),
+        ({"mask_fn": "no_such_mask"}, UnknownStrategyError, "no_such_mask"),
         ({"progress": "yes"}, ConfigError, "progress must be"),
     ],
 )

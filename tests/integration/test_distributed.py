@@ -145,24 +145,43 @@ def calibrate_case(
     return {"masks": masks_of(named), "stats": stats}
 
 
-def threshold_case(aggregate: str, data: list[torch.Tensor], path: Path | None) -> dict[str, Any]:
-    """Thresholds (and with ``path`` a state file) of one threshold-mode calibration."""
+#: Threshold cases: the plain score, the weighted one (|x| * ||W[:, i]||, so the
+#: Linear layer only) and the compensated one (signed sums per feature as well).
+THRESHOLD_CASES = {
+    "target_threshold": ("target_threshold", False),
+    "weighted_threshold": ("weighted_threshold", False),
+    "compensated": ("target_threshold", True),
+}
+
+
+def threshold_case(
+    aggregate: str, data: list[torch.Tensor], path: Path | None, case: str = "target_threshold"
+) -> dict[str, Any]:
+    """Thresholds, offsets (and with ``path`` a state file) of one threshold-mode
+    calibration."""
+    mask_fn, sums = THRESHOLD_CASES[case]
     model = make_model()
     sparsifier = ActivationSparsifier(
         model,
         aggregate_fn=aggregate,
         reduce_fn="identity",
-        mask_fn="target_threshold",
+        mask_fn=mask_fn,
         # Above the zero fraction after the ReLU (about 0.48), so reachable.
         sparsity_level=0.6,
+        **({"feature_sums": True} if sums else {}),
     )
-    sparsifier.register_layer(model[0])
+    if mask_fn == "target_threshold":
+        sparsifier.register_layer(model[0])
     sparsifier.register_layer(model[3])
     feed(model, data)
     sparsifier.step()
     if path is not None:
         save(sparsifier, path)
-    return {"thresholds": {n: r.to_dict() for n, r in sparsifier.thresholds.items()}}
+    state = sparsifier.state_dict()["state"]
+    return {
+        "thresholds": {n: r.to_dict() for n, r in sparsifier.thresholds.items()},
+        "offsets": {n: e["offset"] for n, e in state.items() if "offset" in e},
+    }
 
 
 def _sum_all_reduce(accumulator: torch.Tensor, group: Any) -> torch.Tensor:
@@ -256,8 +275,10 @@ def worker(rank: int, init_file: str, out: Path) -> None:
             run(aggregate, functools.partial(calibrate_case, aggregate, data, path))
         for aggregate in sorted(THRESHOLD_AGGREGATES):
             data = shard(batches(batch_sizes(aggregate)), rank)
-            path = out / f"{aggregate}-rank{rank}.safetensors"
-            run(aggregate, functools.partial(threshold_case, aggregate, data, path))
+            for name in THRESHOLD_CASES:
+                case = f"{aggregate}-{name}"
+                path = out / f"{case}-rank{rank}.safetensors"
+                run(case, functools.partial(threshold_case, aggregate, data, path, name))
         sums = shard(batches(batch_sizes("sum")), rank)
         run("callable_combine", lambda: calibrate_case(CALLABLE_COMBINE, sums, None))
         group = dist.new_group(list(range(WORLD)))
@@ -363,22 +384,31 @@ def test_every_rank_gets_the_masks_of_one_process_on_all_data(
         )
 
 
+@pytest.mark.parametrize("name", list(THRESHOLD_CASES))
 @pytest.mark.parametrize("aggregate", sorted(THRESHOLD_AGGREGATES))
 def test_every_rank_gets_the_thresholds_of_one_process_on_all_data(
-    ranks: tuple[Path, list[dict[str, Any]]], aggregate: str, tmp_path: Path
+    ranks: tuple[Path, list[dict[str, Any]]], aggregate: str, name: str, tmp_path: Path
 ) -> None:
     out, results = ranks
     data = batches(batch_sizes(aggregate))
-    single = threshold_case(aggregate, data, tmp_path / "one.safetensors")
-    assert set(single["thresholds"]) == {"0", "3"}
+    single = threshold_case(aggregate, data, tmp_path / "one.safetensors", name)
+    layers = {"3"} if name == "weighted_threshold" else {"0", "3"}
+    assert set(single["thresholds"]) == layers
+    assert set(single["offsets"]) == (layers if name == "compensated" else set())
+    case = f"{aggregate}-{name}"
     for result in results:
+        got = _case(result, case)
         # Histogram counts are integers: the combined thresholds are exact.
-        assert _case(result, aggregate)["thresholds"] == single["thresholds"]
-    alone = threshold_case(aggregate, shard(data, 0), None)
+        assert got["thresholds"] == single["thresholds"]
+        # The signed sums are float64, added in another order: equal to rounding.
+        assert set(got["offsets"]) == set(single["offsets"])
+        for layer, offset in single["offsets"].items():
+            torch.testing.assert_close(got["offsets"][layer], offset)
+    alone = threshold_case(aggregate, shard(data, 0), None, name)
     assert alone["thresholds"] != single["thresholds"]
     want = load(tmp_path / "one.safetensors")
     for rank in range(WORLD):
-        got = load(out / f"{aggregate}-rank{rank}.safetensors")
+        got = load(out / f"{case}-rank{rank}.safetensors")
         assert got["data_groups"] == want["data_groups"]
         assert {k: v.get("threshold") for k, v in got["state"].items()} == {
             k: v.get("threshold") for k, v in want["state"].items()

@@ -326,6 +326,17 @@ class MaskStrategy:
             strategy's names. It runs after the keys were checked against
             ``params`` and ``required``. ``None``: values are checked only
             when ``fn`` runs, at ``step()``.
+        scale: For a dynamic strategy, what makes the score weight-aware:
+            ``scale(layer) -> Tensor`` gives one non-negative number ``c_i``
+            per input feature (the input's last dimension) from the module
+            that consumes the input, such as the column norms
+            ``||W[:, i]||`` of an ``nn.Linear``. The layer then aggregates
+            and thresholds the score ``|x_i| * c_i`` instead of ``|x_i|``:
+            calibration feeds ``x * c`` to the aggregate, and after
+            ``squash_mask()`` the entries whose score is at or below the
+            threshold are zeroed. It is called when a hook is attached,
+            never per forward call, and raises :class:`ConfigError` for a
+            module it cannot score. ``None``: the score is ``|x|``.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -342,6 +353,17 @@ class MaskStrategy:
     check: Callable[[Mapping[str, Any]], None] | None = attrs.field(
         default=None, validator=_check_optional_callable
     )
+    scale: Callable[[Any], Any] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
+
+    @scale.validator
+    def _check_scale(self, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is not None and not self.dynamic:
+            raise ConfigError(
+                "MaskStrategy.scale is only meaningful with dynamic=True (a threshold "
+                "strategy): a static mask strategy has no score to weigh"
+            )
 
     @target_key.validator
     def _check_target_key(self, attribute: attrs.Attribute[Any], value: object) -> None:

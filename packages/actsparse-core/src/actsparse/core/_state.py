@@ -8,16 +8,20 @@ same function; the command line describes what it returns.
 The layout keeps torch.ao's keys and adds a version::
 
     {
-        "state": {name: {"mask": mask, "threshold": {...}}},   # "threshold": threshold mode
+        "state": {name: {"mask": mask, "threshold": {...}, "offset": offset}},
         "data_groups": {name: {<CONFIG_KEYS>, "hook_state": ..., "data": ...}},
         "defaults": {<CONFIG_KEYS>},
         "format_version": 1,
     }
 
-A mask is ``None``, a tensor, or (for a layer registered with ``features``) a
-list holding one tensor per feature; :meth:`StateDict.as_dict` writes them as
-sparse COO tensors, as torch.ao does, and :func:`parse_state_dict` makes them
-dense again. A ``data`` entry is present while aggregated data exists.
+``threshold`` is present in threshold mode after ``step()``; ``offset``, when
+the threshold strategy compensates its zeros, holds one number per input
+feature: the mean of the values the threshold zeroes, whose contribution the
+layer adds back to its output. A mask is ``None``, a tensor, or (for a layer
+registered with ``features``) a list holding one tensor per feature;
+:meth:`StateDict.as_dict` writes them as sparse COO tensors, as torch.ao does,
+and :func:`parse_state_dict` makes them dense again. A ``data`` entry is
+present while aggregated data exists.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "HOOK_STATES",
     "HOOK_STATE_KEY",
     "MASK_KEY",
+    "OFFSET_KEY",
     "SPARSIFY",
     "STATE_FORMAT_VERSION",
     "STATE_KEYS",
@@ -51,6 +56,7 @@ __all__ = [
     "LayerState",
     "StateDict",
     "ThresholdResult",
+    "check_offset",
     "checked_sparse_coo",
     "convert_masks",
     "mask_to_dense",
@@ -83,6 +89,8 @@ DATA_GROUP_KEYS = (*CONFIG_KEYS, "layer", HOOK_STATE_KEY)
 MASK_KEY = "mask"
 #: A layer state's key for its threshold (threshold mode, after ``step()``).
 THRESHOLD_KEY = "threshold"
+#: A layer state's key for the offset that compensates a threshold's zeros.
+OFFSET_KEY = "offset"
 
 #: ``hook_state`` while the layer's inputs are aggregated.
 AGGREGATE = "aggregate"
@@ -165,6 +173,8 @@ class LayerState:
         mask: ``None``, a dense tensor, or a list of dense tensors (one per feature).
         threshold: The threshold of a threshold-mode layer after ``step()``.
         data: The aggregated data, or ``None`` when there is none.
+        offset: With a threshold that compensates its zeros: a 1-D float
+            tensor, per input feature the mean of the values it zeroes.
     """
 
     config: Mapping[str, Any]
@@ -172,6 +182,7 @@ class LayerState:
     mask: Mask | None = None
     threshold: ThresholdResult | None = None
     data: Any = None
+    offset: torch.Tensor | None = None
 
     def entries(self, *, sparse: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(state entry, data group)`` as the state dict holds them; masks COO if ``sparse``."""
@@ -179,6 +190,8 @@ class LayerState:
         state: dict[str, Any] = {MASK_KEY: _map_mask(self.mask, convert)}
         if self.threshold is not None:
             state[THRESHOLD_KEY] = self.threshold.to_dict()
+        if self.offset is not None:
+            state[OFFSET_KEY] = self.offset
         group = {key: self.config[key] for key in CONFIG_KEYS}
         group[HOOK_STATE_KEY] = self.hook_state
         if self.data is not None:
@@ -419,6 +432,41 @@ def _threshold_of(value: object, where: str) -> ThresholdResult | None:
         raise SerializationError(f"{where} is invalid: {exc}") from None
 
 
+def check_offset(value: object, where: str) -> torch.Tensor:
+    """``value`` if it is a non-empty 1-D dense floating tensor of finite numbers.
+
+    Raises:
+        SerializationError: It is not (``where`` names it).
+    """
+    if (
+        not isinstance(value, torch.Tensor)
+        or value.layout != torch.strided
+        or value.ndim != 1
+        or value.numel() == 0
+        or not value.is_floating_point()
+    ):
+        shown = (
+            f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise SerializationError(
+            f"{where} must be a non-empty 1-D dense floating tensor (one number per input "
+            f"feature), got {shown}"
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise SerializationError(f"{where} holds non-finite numbers")
+    return value
+
+
+def _offset_of(value: object, threshold: ThresholdResult | None, where: str) -> Any:
+    if value is None:
+        return None
+    if threshold is None:
+        raise SerializationError(f"{where} needs a threshold: only a threshold has an offset")
+    return check_offset(value, where).clone()
+
+
 def parse_state_dict(state_dict: object, *, names_only: bool = False) -> StateDict:
     """Check a state dict and return it as records, with dense masks; the one validator.
 
@@ -481,11 +529,13 @@ def parse_state_dict(state_dict: object, *, names_only: bool = False) -> StateDi
             raise SerializationError(
                 f"state[{name!r}] holds both a mask and a threshold; a layer has one or the other"
             )
+        offset = _offset_of(entry.get(OFFSET_KEY), threshold, f"state[{name!r}]['offset']")
         layers[name] = LayerState(
             config=copy.deepcopy(config),
             hook_state=hook_state,
             mask=mask,
             threshold=threshold,
             data=copy.deepcopy(group.get(DATA_KEY)),
+            offset=offset,
         )
     return StateDict(defaults=copy.deepcopy(defaults), layers=layers, format_version=version)

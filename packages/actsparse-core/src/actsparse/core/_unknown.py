@@ -19,7 +19,17 @@ __all__ = ["BUILTIN_NAMES", "unknown_name_message"]
 BUILTIN_NAMES: Mapping[str, frozenset[str]] = {
     "aggregate": frozenset({"sum", "mean", "abs_mean", "sq_mean", "abs_max", "abs_histogram"}),
     "reduce": frozenset({"mean", "identity", "sum", "max", "l2"}),
-    "mask": frozenset({"magnitude", "threshold", "topk", "n_m", "block_norm", "target_threshold"}),
+    "mask": frozenset(
+        {
+            "magnitude",
+            "threshold",
+            "topk",
+            "n_m",
+            "block_norm",
+            "target_threshold",
+            "weighted_threshold",
+        }
+    ),
     "serializer": frozenset({"sparse_coo", "safetensors", "torch"}),
     "kernel": frozenset({"dense", "cpu_sparse", "triton_sparse"}),
 }

@@ -216,6 +216,7 @@ class Layer:
         self.bound = self.aggregate.bind(self.aggregate_options)
         # Built here, once: a layer that cannot be built fails before it replaces another.
         self.build_indices()
+        self.score_scale()  # a module the mask strategy cannot score fails registration
 
     # ----------------------------------------------------------------- config
 
@@ -435,6 +436,45 @@ class Layer:
             f"{self.mask_strategy.name!r} failed: {exc!r}"
         )
 
+    def score_scale(self) -> torch.Tensor | None:
+        """The mask strategy's per-feature scale of the score ``|x| * scale``, or None.
+
+        Read from the module (``MaskStrategy.scale``) and checked; it is
+        called when a hook is attached, never per forward call.
+        """
+        fn = self.mask_strategy.scale
+        if fn is None:
+            return None
+        where = f"layer {self.name!r}: mask strategy {self.mask_strategy.name!r}"
+        try:
+            with torch.no_grad():
+                scale = fn(self.module)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{where} cannot score this {type(self.module).__name__}: {exc}"
+            ) from None
+        except Exception as exc:
+            raise MaskError(f"{where}: its scale raised {exc!r}") from exc
+        if (
+            not isinstance(scale, torch.Tensor)
+            or scale.ndim != 1
+            or not scale.is_floating_point()
+            or scale.numel() == 0
+        ):
+            raise MaskError(
+                f"{where}: its scale must be a non-empty 1-D floating tensor (one number per "
+                f"input feature), got "
+                + (
+                    f"a {scale.dtype} tensor of shape {tuple(scale.shape)}"
+                    if isinstance(scale, torch.Tensor)
+                    else type(scale).__name__
+                )
+            )
+        scale = scale.detach()
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise MaskError(f"{where}: its scale holds negative or non-finite numbers")
+        return scale
+
     # ----------------------------------------------------------------- hooks
 
     def attach(self, state: str) -> None:
@@ -493,6 +533,7 @@ class Layer:
             mask=mask,
             threshold=self.mode.threshold,
             data=data,
+            offset=None if self.mode.offset is None else self.mode.offset.clone(),
         )
 
     def restore(self, state: LayerState) -> None:

@@ -8,8 +8,10 @@ ships three implementations:
 * :class:`~actsparse.hooks._static.StaticMask`: ``step()`` computes a {0, 1}
   mask, and the layer's input is multiplied by it (torch.ao's behaviour);
 * :class:`~actsparse.hooks._threshold.Threshold`: ``step()`` computes one
-  threshold, and the entries of each input with ``|x| <= threshold`` are
-  zeroed before the layer runs;
+  threshold, and the entries of each input whose score (``|x|``, or
+  ``|x| * scale`` with a weight-aware strategy) is at or below it are zeroed
+  before the layer runs; a compensating strategy also gives an offset whose
+  contribution is added to the layer's output;
 * :class:`~actsparse.hooks._threshold.KernelThreshold`: the same threshold,
   applied by a registered kernel that computes the layer itself and skips
   the zeroed inputs.
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from torch import nn
 
 from actsparse.core import LayerState, Mask, ThresholdResult
@@ -55,6 +58,11 @@ class MaskingMode(Protocol):
     @property
     def threshold(self) -> ThresholdResult | None:
         """The threshold that ``step()`` computed, or None."""
+
+    @property
+    def offset(self) -> torch.Tensor | None:
+        """Per input feature, the mean of the values a compensating threshold zeroes
+        (its contribution is added back to the layer's output), or None."""
 
     @property
     def ready(self) -> bool:

@@ -34,8 +34,17 @@ ATTENTION_MASK = "attention_mask"
 #: How the model-wide target is spread over the layers.
 ALLOCATIONS = ("uniform", "greedy")
 
-#: The grid of :func:`layer_sensitivity` for ``allocation="greedy"``.
-GREEDY_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: The grid of :func:`layer_sensitivity` for ``allocation="greedy"``, as multiples of
+#: the target (at most :data:`GREEDY_CAP`): four levels, so the search costs
+#: ``1 + 4 * layers`` passes over the probe examples.
+GREEDY_FACTORS = (0.5, 1.0, 1.5, 2.0)
+#: The highest level the greedy allocation gives a layer.
+GREEDY_CAP = 0.95
+
+
+def greedy_levels(target: float) -> list[float]:
+    """The levels at which ``allocation="greedy"`` measures each layer for ``target``."""
+    return sorted({min(GREEDY_CAP, round(f * target, 6)) for f in GREEDY_FACTORS})
 
 
 def _check_target(target: object) -> float:
@@ -55,6 +64,50 @@ def _check_kernel(kernel: object) -> str:
     if kernel != AUTO:
         get_registry().get("kernel", kernel)  # UnknownStrategyError, naming the known ones
     return kernel
+
+
+def _check_mask_fn(mask_fn: object) -> str:
+    if not isinstance(mask_fn, str):
+        raise ConfigError(f"mask_fn must be the name of a dynamic mask strategy, got {mask_fn!r}")
+    record = get_registry().get("mask", mask_fn)  # UnknownStrategyError, naming the known ones
+    if not record.dynamic or record.target_key is None:
+        dynamic = [e.record.name for e in get_registry().entries("mask") if e.record.dynamic]
+        raise ConfigError(
+            f"mask_fn {mask_fn!r} is not a threshold strategy that can be retargeted "
+            f"(dynamic, with a target_key); threshold strategies: {', '.join(map(repr, dynamic))}"
+        )
+    return mask_fn
+
+
+def _examples(batch: Any, count: int) -> tuple[Any, int]:
+    """The first ``count`` examples of ``batch`` (every tensor cut along dim 0), and how
+    many it gave."""
+    if isinstance(batch, torch.Tensor):
+        return (batch[:count], min(count, batch.shape[0])) if batch.ndim else (batch, 1)
+    values = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    sizes = [v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.ndim]
+    if isinstance(batch, (str, bytes)) or not sizes or len(set(sizes)) != 1:
+        return batch, 1  # no common batch dimension: the whole batch is one probe
+
+    def cut(value: Any) -> Any:
+        return value[:count] if isinstance(value, torch.Tensor) and value.ndim else value
+
+    if isinstance(batch, Mapping):
+        return {key: cut(value) for key, value in batch.items()}, min(count, sizes[0])
+    out = [cut(value) for value in batch]
+    return (tuple(out) if isinstance(batch, tuple) else out), min(count, sizes[0])
+
+
+def probe_set(batches: Sequence[Any], count: int) -> list[Any]:
+    """The first ``count`` examples of ``batches``, as batches of the same form."""
+    out = []
+    for batch in batches:
+        if count <= 0:
+            break
+        cut, taken = _examples(batch, count)
+        out.append(cut)
+        count -= taken
+    return out
 
 
 def _batches(calibration_batches: object) -> list[Any]:
@@ -129,6 +182,19 @@ class OutputError:
 
 def _reference(model: nn.Module, batch: Any) -> torch.Tensor:
     """The model's first output tensor on ``batch``, before any hook: the dry run."""
+    output = _dry_run(model, batch)
+    tensor = first_output(output)
+    if tensor is None:
+        raise ConfigError(
+            f"the model's output ({type(output).__name__}) holds no tensor to measure the "
+            "error of sparsity on; use allocation='uniform'"
+        )
+    return tensor.detach().float()
+
+
+def _dry_run(model: nn.Module, batch: Any) -> Any:
+    """The model's output on ``batch`` in eval mode without grad; a ConfigError if it
+    rejects the batch."""
     training = {module: module.training for module in model.modules()}
     try:
         model.eval()
@@ -145,13 +211,7 @@ def _reference(model: nn.Module, batch: Any) -> torch.Tensor:
     finally:
         for module, flag in training.items():
             module.training = flag
-    tensor = first_output(output)
-    if tensor is None:
-        raise ConfigError(
-            f"the model's output ({type(output).__name__}) holds no tensor to measure the "
-            "error of sparsity on; use allocation='uniform'"
-        )
-    return tensor.detach().float()
+    return output
 
 
 def _widths(sparsifier: ActivationSparsifier, names: Iterable[str]) -> dict[str, float]:
@@ -174,18 +234,22 @@ def sparsify(
     *,
     target: float,
     layers: str | Mapping[Any, Any] | Sequence[Any] = AUTO_PRESET,
-    allocation: str = "uniform",
+    allocation: str = "greedy",
+    mask_fn: str = "target_threshold",
+    compensate: bool = True,
     kernel: str = DENSE,
     progress: bool | None = None,
-    probe_batches: int = 1,
+    probe_examples: int = 8,
 ) -> ActivationSparsifier:
     r"""Threshold-mode activation sparsity at a model-wide ``target``, in one call.
 
     Registers the selected layers with the ``abs_histogram`` aggregate and the
-    ``target_threshold`` mask, runs ``calibration_batches`` through ``model``
-    (:func:`calibrate`; a mapping batch's ``attention_mask`` becomes the valid
-    positions), calls ``step()`` and ``squash_mask()``, spreads ``target``
-    over the layers (``allocation``) and returns the squashed sparsifier.
+    ``mask_fn`` threshold strategy (compensating its zeros unless ``compensate``
+    is False), runs ``calibration_batches`` through
+    ``model`` (:func:`calibrate`; a mapping batch's ``attention_mask`` becomes
+    the valid positions), calls ``step()`` and ``squash_mask()``, spreads
+    ``target`` over the layers (``allocation``) and returns the squashed
+    sparsifier.
 
     Args:
         model: The model; its layers get the sparsify hooks.
@@ -198,19 +262,34 @@ def sparsify(
         layers: A preset name (``"auto"``: the one whose module names the model
             has; ``"bert"``; ``"llama"``) or the rules of
             :meth:`~ActivationSparsifier.register_layers`.
-        allocation: ``"uniform"``: every layer at ``target``; ``"greedy"``:
-            :func:`layer_sensitivity` on the probe batches at 8 levels, then
-            :func:`allocate_greedy`.
+        allocation: ``"greedy"`` (the default): each layer's error alone is
+            measured on the probe examples at 0.5, 1, 1.5 and 2 times
+            ``target`` (at most 0.95; :func:`layer_sensitivity`), then
+            :func:`allocate_greedy` picks per-layer levels whose width-weighted
+            mean is ``target``; ``"uniform"``: every layer at ``target``.
+            ``layer_sensitivity`` and ``allocate_greedy`` take any grid, for
+            a finer search at a higher cost.
+        mask_fn: The threshold strategy, by name: ``"target_threshold"`` (the
+            default; the score is ``|x|``), ``"weighted_threshold"`` (WINA's
+            ``|x_i| * ||W[:, i]||``) or any registered dynamic mask strategy
+            with a ``target_key``.
+        compensate: Whether each layer adds back to its output the mean
+            contribution of the entries it zeroes (``abs_histogram`` with
+            ``feature_sums=True``: the mean of the zeroed values per input
+            feature, measured on the calibration batches, times the layer's
+            weights; the inputs stay as sparse).
         kernel: Passed to ``set_kernel()`` at the end (``squash_mask``'s ``kernel``).
         progress: The calibration progress bar (:func:`calibrate`'s ``progress``).
-        probe_batches: How many of the first batches measure the error that
-            the allocation weighs.
+        probe_examples: How many of the first calibration examples (rows of
+            the first batches) measure the error that the greedy allocation
+            weighs: the relative squared error of the model's first output
+            tensor on real tokens, against the dense model's.
 
     Raises:
         ConfigError: A bad argument, an unknown preset or one that selects no
             layer, no batch, or a first batch that the model rejects. Nothing
             is attached to the model then.
-        UnknownStrategyError: No kernel of that name.
+        UnknownStrategyError: No kernel or mask strategy of that name.
 
     If the model raises during calibration, every hook is removed before the
     error propagates.
@@ -219,34 +298,46 @@ def sparsify(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     level = _check_target(target)
     kernel = _check_kernel(kernel)
-    if allocation not in ALLOCATIONS:
+    mask_fn = _check_mask_fn(mask_fn)
+    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
         raise ConfigError(
             f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}"
         )
-    if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 1:
-        raise ConfigError(f"probe_batches must be a positive int, got {probe_batches!r}")
+    if (
+        isinstance(probe_examples, bool)
+        or not isinstance(probe_examples, int)
+        or probe_examples < 1
+    ):
+        raise ConfigError(f"probe_examples must be a positive int, got {probe_examples!r}")
     if progress not in (None, True, False):
         raise ConfigError(f"progress must be True, False or None, got {progress!r}")
+    if not isinstance(compensate, bool):
+        raise ConfigError(f"compensate must be True or False, got {compensate!r}")
     batches = _batches(calibration_batches)
     rules = resolve_layers(model, layers)
-    probes = batches[:probe_batches]
+    greedy = allocation == "greedy" and level > 0
+    # the dry run, before anything is attached: the model takes the first batch
+    probes = probe_set(batches, probe_examples) if greedy else []
     references = [_reference(model, batch) for batch in probes]
+    if not greedy:
+        _dry_run(model, batches[0])
 
     sparsifier = ActivationSparsifier(
         model,
         aggregate_fn="abs_histogram",
         reduce_fn="identity",
-        mask_fn="target_threshold",
+        mask_fn=mask_fn,
         sparsity_level=level,
+        **({"feature_sums": True} if compensate else {}),
     )
     names = sparsifier.register_layers(rules)
     try:
         calibrate(model, batches, progress=progress, context=_valid_context(sparsifier))
         sparsifier.step()
         sparsifier.squash_mask()
-        if allocation == "greedy" and level > 0:
+        if greedy:
             error = OutputError(model, probes, references)
-            table = layer_sensitivity(sparsifier, error, GREEDY_LEVELS)
+            table = layer_sensitivity(sparsifier, error, greedy_levels(level))
             sparsifier.retarget(allocate_greedy(table, level, _widths(sparsifier, names)))
         if kernel != DENSE:
             sparsifier.set_kernel(kernel)

@@ -67,6 +67,10 @@ class StaticMask:
         return None
 
     @property
+    def offset(self) -> torch.Tensor | None:
+        return None
+
+    @property
     def ready(self) -> bool:
         return self._mask is not None
 

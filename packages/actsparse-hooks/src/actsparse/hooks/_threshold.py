@@ -18,8 +18,9 @@ aggregate that declares ``takes_valid`` receives it.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -38,6 +39,7 @@ from actsparse.core import (
     SerializationError,
     StateError,
     ThresholdResult,
+    check_offset,
 )
 from actsparse.hooks._layer import Layer, no_graph
 from actsparse.hooks._modes import Handle, PreHook
@@ -103,12 +105,100 @@ def _valid_for(layer: Layer, valid: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return valid.reshape(*valid.shape, *((1,) * (x.ndim - valid.ndim)))
 
 
-@attrs.frozen
-class Computed:
-    """What step() computes for a threshold-mode layer: the result and the reduced statistic."""
+def _fits(layer: Layer, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``scale``, after checking that it has one number per feature of ``x``'s last dim."""
+    if x.ndim == 0 or x.shape[-1] != scale.shape[0]:
+        raise ConfigError(
+            f"layer {layer.name!r}: mask strategy {layer.mask_strategy.name!r} scores "
+            f"{scale.shape[0]} input features, but the input has shape {tuple(x.shape)}"
+        )
+    return scale
+
+
+def scored_zero(layer: Layer, threshold: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a weight-aware score, ``x`` with every entry whose score ``|x_i| * c_i`` is
+    at or below ``threshold`` zeroed; None for the plain ``|x|`` score.
+
+    The per-feature bound ``threshold / c_i`` (infinite where ``c_i`` is 0: that
+    feature is never used by the layer) is built here, once; a call costs an
+    ``abs``, a comparison and a ``masked_fill``.
+    """
+    scale = layer.score_scale()
+    if scale is None:
+        return None
+    bound = torch.where(
+        scale > 0, threshold / scale.float(), torch.full_like(scale, math.inf, dtype=torch.float32)
+    )
+
+    def zero(x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(x.abs() <= _fits(layer, bound, x), 0)
+
+    return zero
+
+
+@attrs.frozen(eq=False)
+class Outcome:
+    """A threshold and, for a compensating strategy, the offset (in the input's units)."""
 
     result: ThresholdResult
+    offset: torch.Tensor | None = None
+
+
+@attrs.frozen(eq=False)
+class Computed:
+    """What step() computes for a threshold-mode layer: the outcome and the reduced
+    statistic."""
+
+    outcome: Outcome
     reduced: Any
+
+    @property
+    def result(self) -> ThresholdResult:
+        return self.outcome.result
+
+
+class _Handles:
+    """Detaches several hooks at once."""
+
+    def __init__(self, *handles: Handle) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def output_shift(layer: Layer, offset: torch.Tensor | None) -> torch.Tensor | None:
+    """What the zeroed values would have added to the layer's output: ``f(offset) - f(0)``
+    for the module's own forward ``f`` (``W @ offset`` for a Linear), built once."""
+    if offset is None:
+        return None
+    module = layer.module
+    weight = getattr(module, "weight", None)
+    like = weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() else offset
+    m = offset.to(device=like.device, dtype=like.dtype)
+    forward = type(module).forward
+    try:
+        with torch.no_grad():
+            shift: torch.Tensor = forward(module, m) - forward(module, torch.zeros_like(m))
+    except Exception as exc:
+        raise MaskError(
+            f"layer {layer.name!r}: the offset that compensates its zeros needs the layer to "
+            f"take one input of {m.numel()} features, and it raised {exc!r}"
+        ) from exc
+    return shift.detach()
+
+
+def _shifted(layer: Layer, shift: torch.Tensor) -> Any:
+    def compensate_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            raise ConfigError(
+                f"layer {layer.name!r}: a compensating threshold adds to the layer's output, "
+                f"which is a {type(output).__name__}, not a tensor"
+            )
+        return output + shift
+
+    return compensate_hook
 
 
 class Threshold:
@@ -119,6 +209,7 @@ class Threshold:
     def __init__(self, valid: ValidPositions) -> None:
         self._valid = valid
         self._result: ThresholdResult | None = None
+        self._offset: torch.Tensor | None = None
         # the reduced statistic of the last step(), for retargeting
         self._reduced: Any = None
 
@@ -129,6 +220,10 @@ class Threshold:
     @property
     def threshold(self) -> ThresholdResult | None:
         return self._result
+
+    @property
+    def offset(self) -> torch.Tensor | None:
+        return self._offset
 
     @property
     def ready(self) -> bool:
@@ -145,11 +240,15 @@ class Threshold:
         fn = layer.bound.fn
         init = layer.bound.init or torch.zeros_like
         holder = self._valid if layer.aggregate.takes_valid else None
+        # a weight-aware score: the aggregate sees x * scale (built here, once)
+        scale = layer.score_scale()
 
         def threshold_aggregate_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = no_graph(
                 args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
             )
+            if scale is not None:
+                x = x * _fits(layer, scale, x)
             acc = layer.data
             valid = holder.mask if holder is not None else None
             options = {} if valid is None else {"valid": _valid_for(layer, valid, x)}
@@ -170,6 +269,23 @@ class Threshold:
         if result is None:  # squash_mask() and load_state_dict() refuse this
             raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
         threshold = result.threshold
+        shift = output_shift(layer, self._offset)
+        zero = scored_zero(layer, threshold)
+        if zero is not None:
+
+            def scored_sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
+                return (zero(x), *args[1:])
+
+            handle = layer.module.register_forward_pre_hook(scored_sparsify_hook)
+        else:
+            handle = layer.module.register_forward_pre_hook(self._plain_hook(layer, threshold))
+        if shift is None:
+            return handle
+        return _Handles(handle, layer.module.register_forward_hook(_shifted(layer, shift)))
+
+    @staticmethod
+    def _plain_hook(layer: Layer, threshold: float) -> PreHook:
 
         def threshold_sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             # hardshrink keeps x where |x| > t and writes 0 elsewhere: one kernel, and
@@ -177,7 +293,7 @@ class Threshold:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else layer.bad_input(args)
             return (F.hardshrink(x, threshold), *args[1:])
 
-        return layer.module.register_forward_pre_hook(threshold_sparsify_hook)
+        return threshold_sparsify_hook
 
     # ------------------------------------------------------------------ step
 
@@ -186,29 +302,56 @@ class Threshold:
         return Computed(self.result_for(layer, reduced, layer.mask_options), reduced)
 
     def store(self, computed: Computed) -> None:
-        self._result = computed.result
+        self.set_result(computed.outcome)
         self._reduced = computed.reduced
 
-    def result_for(self, layer: Layer, reduced: Any, options: Mapping[str, Any]) -> ThresholdResult:
+    def result_for(self, layer: Layer, reduced: Any, options: Mapping[str, Any]) -> Outcome:
         """Call the layer's dynamic mask strategy on ``reduced`` and check what it returns."""
         where = f"layer {layer.name!r}"
         out = layer.call_mask_strategy(reduced, options, where, "threshold")
         name = layer.mask_strategy.name
-        if not isinstance(out, tuple) or len(out) != 3:
+        if not isinstance(out, tuple) or len(out) not in (3, 4):
             raise MaskError(
                 f"{where}: dynamic mask strategy {name!r} returned "
-                f"{type(out).__name__}, not (threshold, expected_sparsity, zero_fraction)"
+                f"{type(out).__name__}, not (threshold, expected_sparsity, zero_fraction) "
+                "or (threshold, expected_sparsity, zero_fraction, offset)"
             )
         key = layer.mask_strategy.target_key
         target: Any = options.get(key, out[1]) if key is not None else out[1]
         try:
-            return ThresholdResult(out[0], target, out[1], out[2])
+            result = ThresholdResult(out[0], target, out[1], out[2])
         except (ConfigError, TypeError, ValueError) as exc:
             raise MaskError(
-                f"{where}: dynamic mask strategy {name!r} returned {out!r}: {exc}"
+                f"{where}: dynamic mask strategy {name!r} returned {out[:3]!r}: {exc}"
             ) from exc
+        offset = out[3] if len(out) == 4 else None
+        if offset is not None:
+            offset = self._input_offset(
+                layer, offset, f"{where}: the offset that {name!r} returned"
+            )
+        return Outcome(result, offset)
 
-    def retargeted(self, layer: Layer, level: Any) -> ThresholdResult:
+    @staticmethod
+    def _input_offset(layer: Layer, offset: object, where: str) -> torch.Tensor:
+        """``offset`` checked and, for a weight-aware score, divided by the scale: the
+        aggregate saw ``x * scale``."""
+        try:
+            checked = check_offset(offset, where)
+        except SerializationError as exc:
+            raise MaskError(str(exc)) from None
+        width = layer.input_shape[-1] if layer.input_shape else None
+        if width is not None and checked.numel() != width:
+            raise MaskError(
+                f"{where} holds {checked.numel()} numbers, the layer's input has {width} features"
+            )
+        checked = checked.detach().to(torch.float32)
+        scale = layer.score_scale()
+        if scale is not None:
+            scale = scale.to(checked.device)
+            checked = torch.where(scale > 0, checked / scale, 0.0)
+        return checked
+
+    def retargeted(self, layer: Layer, level: Any) -> Outcome:
         """The threshold for a new target, from the statistics of the last step();
         nothing changes."""
         key = layer.mask_strategy.target_key
@@ -232,9 +375,11 @@ class Threshold:
             )
         return self.result_for(layer, self._reduced, {**layer.mask_options, key: level})
 
-    def set_result(self, result: ThresholdResult) -> None:
-        """Replace the threshold (``retarget``); the hook attached reads it when re-attached."""
-        self._result = result
+    def set_result(self, outcome: Outcome) -> None:
+        """Replace the threshold and offset (``retarget``); the hook attached reads them when
+        re-attached."""
+        self._result = outcome.result
+        self._offset = outcome.offset
 
     # ------------------------------------------------------------ state dicts
 
@@ -248,7 +393,15 @@ class Threshold:
                 f"layer {layer.name!r} is squashed in threshold mode but its state holds no "
                 "threshold"
             )
+        if state.offset is not None:
+            width = getattr(layer.module, "in_features", None)
+            if isinstance(width, int) and state.offset.numel() != width:
+                raise SerializationError(
+                    f"layer {layer.name!r}: its offset holds {state.offset.numel()} numbers, "
+                    f"the layer takes {width} input features"
+                )
         self._result = state.threshold
+        self._offset = None if state.offset is None else state.offset.float()
         self._reduced = None
 
 
@@ -296,13 +449,13 @@ class KernelThreshold(Threshold):
     def of(cls, mode: Threshold, plan: KernelPlan) -> KernelThreshold:
         """``mode``'s threshold and statistics, applied by ``plan``'s kernel."""
         new = cls(mode._valid, plan)
-        new._result, new._reduced = mode._result, mode._reduced
+        new._result, new._offset, new._reduced = mode._result, mode._offset, mode._reduced
         return new
 
     def dense(self) -> Threshold:
         """The same threshold and statistics, applied by the dense pre-hook."""
         new = Threshold(self._valid)
-        new._result, new._reduced = self._result, self._reduced
+        new._result, new._offset, new._reduced = self._result, self._offset, self._reduced
         return new
 
     def sparsify(self, layer: Layer) -> Handle:
@@ -315,8 +468,27 @@ class KernelThreshold(Threshold):
         if apply is None:  # the runtime's own dense path
             return super().sparsify(layer)
         own = type(module).forward.__get__(module)
-        fast = apply(module, threshold)
         limit = self.plan.limit
+        shift = output_shift(layer, self._offset)
+        scored = scored_zero(layer, threshold)
+        zero: Callable[[torch.Tensor], torch.Tensor]
+        fast: Callable[[torch.Tensor], Any]
+        if scored is None:
+            fast = apply(module, threshold)
+
+            def plain_zero(x: torch.Tensor) -> torch.Tensor:
+                return F.hardshrink(x, threshold)
+
+            zero = plain_zero
+        else:
+            # a weight-aware score: its zeros are made first, and the kernel skips them
+            kernel_fast = apply(module, 0.0)
+            zero = scored
+
+            def scored_fast(x: torch.Tensor) -> Any:
+                return kernel_fast(scored(x))
+
+            fast = scored_fast
 
         if limit is None:
 
@@ -334,7 +506,13 @@ class KernelThreshold(Threshold):
                 # a shape test: under torch.compile it is a guard, not a graph break
                 if x.numel() <= limit * x.shape[-1]:
                     return fast(x)
-                return own(F.hardshrink(x, threshold))
+                return own(zero(x))
+
+        if shift is not None:
+            uncompensated = forward
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return uncompensated(*args, **kwargs) + shift
 
         module.__dict__["forward"] = forward
         return _ForwardHandle(module, forward)
@@ -343,7 +521,7 @@ class KernelThreshold(Threshold):
 def retarget(layers: Mapping[str, Layer], levels: Mapping[str, Any]) -> None:
     """Recompute the thresholds of ``levels``' layers for new sparsity levels, from the
     statistics of their last step(); nothing changes if one fails."""
-    new: dict[str, tuple[Layer, Threshold, ThresholdResult]] = {}
+    new: dict[str, tuple[Layer, Threshold, Outcome]] = {}
     for name, level in levels.items():
         layer = layers.get(name)
         if layer is None:
@@ -355,14 +533,14 @@ def retarget(layers: Mapping[str, Layer], levels: Mapping[str, Any]) -> None:
         if not isinstance(mode, Threshold):
             raise StateError(f"layer {name!r} is not in threshold mode; it cannot be retargeted")
         new[name] = (layer, mode, mode.retargeted(layer, level))
-    for name, (layer, mode, result) in new.items():
-        mode.set_result(result)
+    for name, (layer, mode, outcome) in new.items():
+        mode.set_result(outcome)
         key = layer.mask_strategy.target_key
         if key is not None:
             layer.set_option(key, levels[name])
         if layer.hook_state == SPARSIFY:
             layer.attach(SPARSIFY)
-    warn_unreachable({name: result for name, (_, _, result) in new.items()})
+    warn_unreachable({name: outcome.result for name, (_, _, outcome) in new.items()})
 
 
 def warn_unreachable(results: Mapping[str, ThresholdResult]) -> None:

@@ -10,7 +10,9 @@ import importlib.metadata
 
 from actsparse.masks._functions import magnitude_mask, mean_over_batch, sum_aggregate
 from actsparse.masks._histogram import (
+    FeatureSums,
     abs_histogram_aggregate,
+    column_norm,
     finalize_histogram,
     init_histogram,
     target_threshold,
@@ -37,11 +39,13 @@ from actsparse.masks._streaming import (
 __version__ = importlib.metadata.version("actsparse-masks")
 
 __all__ = [
+    "FeatureSums",
     "__version__",
     "abs_histogram_aggregate",
     "abs_max_aggregate",
     "abs_mean_aggregate",
     "block_norm_mask",
+    "column_norm",
     "feature_axis",
     "finalize_histogram",
     "finalize_max",

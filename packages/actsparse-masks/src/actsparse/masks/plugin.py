@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from actsparse.core import AggregateStrategy, MaskStrategy, ReduceStrategy, hookimpl
 from actsparse.masks._checks import (
     check_block_norm,
@@ -17,6 +19,7 @@ from actsparse.masks._histogram import (
     HISTOGRAM_PARAMS,
     abs_histogram_aggregate,
     check_abs_histogram,
+    column_norm,
     finalize_histogram,
     init_histogram,
     target_threshold,
@@ -63,6 +66,21 @@ SUM_ROWS = "sum"
 MAX_ROWS = ["max", "sum"]
 
 
+def _threshold(name: str, scale: Any, description: str) -> MaskStrategy:
+    """A dynamic strategy on an ``abs_histogram``: the score is ``|x|``, times ``scale``."""
+    return MaskStrategy(
+        name=name,
+        fn=target_threshold,
+        check=check_target_threshold,
+        params={"sparsity_level"},
+        required={"sparsity_level"},
+        dynamic=True,
+        target_key="sparsity_level",
+        scale=scale,
+        description=description,
+    )
+
+
 @hookimpl
 def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
     return [
@@ -87,7 +105,8 @@ def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
             takes_valid=True,
             check=check_abs_histogram,
             description="log-spaced histogram of |x| over all positions (bounded memory), "
-            "for target_threshold",
+            "for target_threshold; feature_sums=True also keeps signed sums per feature for "
+            "the offset that compensates the zeros",
         ),
     ]
 
@@ -149,15 +168,16 @@ def actsparse_mask_strategies() -> list[MaskStrategy]:
             required={"sparsity_level"},
             description="torch.ao DataNormSparsifier's mask: sparsify the blocks of smallest norm",
         ),
-        MaskStrategy(
-            name="target_threshold",
-            fn=target_threshold,
-            check=check_target_threshold,
-            params={"sparsity_level"},
-            required={"sparsity_level"},
-            dynamic=True,
-            target_key="sparsity_level",
-            description="dynamic: zero |x| <= t per input, t calibrated from an abs_histogram "
-            "to reach sparsity_level",
+        _threshold(
+            "target_threshold",
+            None,
+            "dynamic: zero |x| <= t per input, t calibrated from an abs_histogram to reach "
+            "sparsity_level",
+        ),
+        _threshold(
+            "weighted_threshold",
+            column_norm,
+            "dynamic: zero |x_i| * ||W[:, i]|| <= t per input (WINA's weight-aware score), t "
+            "calibrated from an abs_histogram of the score to reach sparsity_level",
         ),
     ]

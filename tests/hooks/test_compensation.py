@@ -1,0 +1,274 @@
+"""Compensated thresholds: ``abs_histogram(feature_sums=True)`` gives each threshold
+an offset, the mean of the values it zeroes per input feature, and the layer adds
+the offset's contribution ``W @ offset`` back to its output. The kernel and
+torch.compile tests cover every threshold variant.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import _thresholds as shared
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from actsparse.core import MaskError, SerializationError, parse_state_dict
+from actsparse.hooks import ActivationSparsifier, cpu_kernel_status
+from actsparse.masks import (
+    abs_histogram_aggregate,
+    finalize_histogram,
+    init_histogram,
+    target_threshold,
+)
+
+mlp = shared.mlp
+data = shared.data
+
+
+def calibrated(
+    model: nn.Sequential,
+    *,
+    sums: bool = True,
+    mask_fn: str = "target_threshold",
+    level: float = 0.6,
+) -> ActivationSparsifier:
+    return shared.calibrated(model, mask_fn=mask_fn, level=level, sums=sums)
+
+
+def relative_error(model: nn.Module, dense: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        want = dense(x)
+        return float((model(x) - want).pow(2).sum() / want.pow(2).sum())
+
+
+# ---------------------------------------------------------------- the statistic
+
+
+def test_the_offset_is_the_mean_of_the_zeroed_values_per_feature() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 5, generator=generator) + torch.tensor([0.0, 0.3, -0.3, 1.0, -2.0])
+    acc = init_histogram(x, feature_sums=True)
+    acc = abs_histogram_aggregate(acc, x, feature_sums=True)
+    stats = finalize_histogram(acc, feature_sums=True)
+    for level in (0.2, 0.5, 0.8):
+        threshold, expected, _, offset = target_threshold(stats, level)
+        assert expected == level
+        exact = (x * (x.abs() <= threshold)).double().mean(0)
+        # the coarse bin that holds the threshold is shared in proportion to its counts
+        edge = threshold * 2**0.25
+        boundary = (x * ((x.abs() > threshold / 2**0.25) & (x.abs() <= edge))).double()
+        assert bool(((offset - exact).abs() <= boundary.abs().mean(0) + 1e-12).all())
+    threshold, _, _, offset = target_threshold(stats, 1.0)
+    torch.testing.assert_close(offset, x.double().mean(0))  # everything is zeroed
+
+
+def test_invalid_positions_stay_out_of_the_sums() -> None:
+    x = torch.randn(2, 10, 3)
+    valid = torch.zeros(2, 10, dtype=torch.bool)
+    valid[:, :6] = True
+    acc = init_histogram(x, feature_sums=True)
+    acc = abs_histogram_aggregate(acc, x, valid=valid.unsqueeze(-1), feature_sums=True)
+    alone = init_histogram(x, feature_sums=True)
+    alone = abs_histogram_aggregate(alone, x[:, :6], feature_sums=True)
+    got, want = (
+        finalize_histogram(acc, feature_sums=True),
+        finalize_histogram(alone, feature_sums=True),
+    )
+    assert torch.equal(got.histogram, want.histogram)
+    torch.testing.assert_close(got.sums, want.sums)
+
+
+def test_without_sums_the_strategy_returns_three_numbers_as_before() -> None:
+    x = torch.randn(100, 4)
+    acc = abs_histogram_aggregate(init_histogram(x), x)
+    assert acc.dtype == torch.int64
+    assert len(target_threshold(finalize_histogram(acc), 0.5)) == 3
+
+
+# ------------------------------------------------------------------ the runtime
+
+
+def test_the_layer_adds_the_contribution_of_the_offset_to_its_output() -> None:
+    model = mlp()
+    sparsifier = calibrated(model)
+    offset = sparsifier.state_dict()["state"]["2"]["offset"]
+    threshold = sparsifier.thresholds["2"].threshold
+    x = data(seed=5, batches=1)[0]
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+        zeroed = torch.nn.functional.hardshrink(hidden, threshold)
+        want = model[2].weight @ offset.float() + nn.functional.linear(
+            zeroed, model[2].weight, model[2].bias
+        )
+        torch.testing.assert_close(model(x), want)
+
+
+def test_compensation_lowers_the_error_at_equal_sparsity() -> None:
+    dense = mlp()
+    plain, compensated = copy.deepcopy(dense), copy.deepcopy(dense)
+    a = calibrated(plain, sums=False)
+    b = calibrated(compensated)
+    assert a.thresholds == b.thresholds  # the same zeros
+    x = data(seed=9, batches=1)[0]
+    assert relative_error(compensated, dense, x) < 0.9 * relative_error(plain, dense, x)
+
+
+def test_retarget_recomputes_the_offset() -> None:
+    model = mlp()
+    sparsifier = calibrated(model)
+    before = sparsifier.state_dict()["state"]["2"]["offset"]
+    sparsifier.retarget({"2": 0.9})
+    after = sparsifier.state_dict()["state"]["2"]["offset"]
+    assert after.abs().sum() > before.abs().sum()
+
+
+@pytest.mark.parametrize("mask_fn", ["target_threshold", "weighted_threshold"])
+def test_state_dicts_and_files_keep_the_offset(mask_fn: str, tmp_path: Path) -> None:
+    serialize = pytest.importorskip("actsparse.serialize")
+    model = mlp()
+    sparsifier = calibrated(model, mask_fn=mask_fn)
+    x = data(seed=3, batches=1)[0]
+    with torch.no_grad():
+        want = model(x)
+    state = sparsifier.state_dict()
+    assert state["state"]["2"]["offset"].shape == (32,)
+
+    fresh = mlp()
+    ActivationSparsifier(fresh).load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+
+    for suffix in (".safetensors", ".pt"):
+        path = tmp_path / f"state{suffix}"
+        serialize.save(sparsifier, path)
+        loaded = mlp()
+        serialize.load_into(ActivationSparsifier(loaded), path)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), want), suffix
+
+
+@pytest.mark.parametrize(
+    ("offset", "match"),
+    [
+        (torch.zeros(2, 2), "1-D dense floating tensor"),
+        (torch.zeros(3, dtype=torch.long), "1-D dense floating tensor"),
+        (torch.tensor([0.0, float("nan")]), "non-finite"),
+        ("zeros", "got str"),
+    ],
+)
+def test_a_bad_offset_in_a_state_dict_is_refused(offset: object, match: str) -> None:
+    state = calibrated(mlp()).state_dict()
+    state["state"]["2"]["offset"] = offset
+    with pytest.raises(SerializationError, match=match):
+        parse_state_dict(state)
+
+
+def test_an_offset_without_a_threshold_is_refused() -> None:
+    state = calibrated(mlp()).state_dict()
+    del state["state"]["2"]["threshold"]
+    with pytest.raises(SerializationError, match="needs a threshold"):
+        parse_state_dict(state)
+
+
+def test_an_offset_of_another_width_is_refused_on_load() -> None:
+    state = calibrated(mlp()).state_dict()
+    state["state"]["2"]["offset"] = torch.zeros(7)
+    target = ActivationSparsifier(mlp())
+    with pytest.raises(SerializationError, match=r"offset holds 7 numbers.*32 input features"):
+        target.load_state_dict(state)
+    assert target.data_groups == {}
+
+
+def test_a_strategy_offset_that_does_not_fit_is_a_mask_error() -> None:
+    from actsparse.core import MaskStrategy
+
+    def bad(histogram: object, sparsity_level: float) -> tuple[float, float, float, object]:
+        return 0.1, sparsity_level, 0.0, torch.zeros(5)
+
+    strategy = MaskStrategy(
+        name="bad_offset",
+        fn=bad,
+        params={"sparsity_level"},
+        dynamic=True,
+        target_key="sparsity_level",
+    )
+    model = mlp()
+    sparsifier = ActivationSparsifier(
+        model, aggregate_fn="abs_histogram", reduce_fn="identity", mask_fn=strategy
+    )
+    sparsifier.register_layer(model[2], sparsity_level=0.5)
+    with torch.no_grad():
+        model(data()[0])
+    with pytest.raises(MaskError, match=r"offset.*5 numbers.*32 features"):
+        sparsifier.step()
+    assert sparsifier.thresholds == {}
+
+
+#: Every threshold variant: (mask_fn, feature_sums).
+VARIANTS = [
+    ("target_threshold", False),
+    ("target_threshold", True),
+    ("weighted_threshold", False),
+    ("weighted_threshold", True),
+]
+
+
+@pytest.mark.parametrize(("mask_fn", "sums"), VARIANTS)
+def test_the_cpu_sparse_kernel_computes_what_the_dense_path_does(mask_fn: str, sums: bool) -> None:
+    if not cpu_kernel_status().available:
+        pytest.skip("the C++ kernel could not be built here")
+    model = mlp()
+    sparsifier = calibrated(model, sums=sums, mask_fn=mask_fn)
+    x = data(seed=11, batches=1)[0]
+    with torch.no_grad():
+        dense = model(x)
+        sparsifier.set_kernel("cpu_sparse")
+        fast = model(x)
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("mask_fn", "sums"), VARIANTS)
+def test_the_hooks_compile_without_graph_breaks(mask_fn: str, sums: bool) -> None:
+    torch._dynamo.reset()
+    model = mlp()
+    calibrated(model, sums=sums, mask_fn=mask_fn)
+    x = data(seed=2, batches=1)[0]
+    with torch.no_grad():
+        eager = model(x)
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        torch.testing.assert_close(torch.compile(model)(x), eager)
+
+
+def test_detaching_removes_the_output_hook_too() -> None:
+    model = mlp()
+    sparsifier = calibrated(model)
+    sparsifier.unregister_layer("2")
+    assert not model[2]._forward_hooks
+    assert not model[2]._forward_pre_hooks
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), level=st.floats(0.05, 0.95), shift=st.floats(-1.0, 1.0))
+def test_compensation_never_moves_the_zeros(seed: int, level: float, shift: float) -> None:
+    # the offset goes to the output; the layer's input is exactly as sparse as without it
+    dense = mlp(seed)
+    with torch.no_grad():
+        dense[0].bias.add_(shift)
+    plain, compensated = copy.deepcopy(dense), copy.deepcopy(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calibrated(plain, sums=False, level=level)
+        calibrated(compensated, level=level)
+    seen: dict[str, torch.Tensor] = {}
+    for name, model in (("plain", plain), ("compensated", compensated)):
+        handle = model[2].register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, a[0]))
+        with torch.no_grad():
+            model(data(seed=seed + 1, batches=1)[0])
+        handle.remove()
+    assert torch.equal(seen["plain"] == 0, seen["compensated"] == 0)
