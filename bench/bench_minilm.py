@@ -13,9 +13,11 @@ The inputs of the 12 MLP Linear layers (``intermediate.dense`` and
 ``output.dense`` of the 6 layers) are sparsified at each target by
 
 * ``sparsify``: ``actsparse.hooks.sparsify(model, batches, target=...,
-  layers="bert")`` with its defaults (greedy allocation on 8 probe
-  examples, the ``|x|`` score);
+  layers="bert")`` with its defaults (greedy allocation on 4 probe
+  examples, the ``|x|`` score, compensated zeros);
 * ``uniform``: the same with ``allocation="uniform"`` (one level per layer);
+* ``uncompensated``: uniform, with ``compensate=False`` (the plain
+  threshold: what the compensation adds shows against ``uniform``);
 * ``weighted-uniform`` and ``weighted``: ``mask_fn="weighted_threshold"``
   (the score ``|x_i| * ||W[:, i]||``) with uniform and with the default
   allocation, so each part's contribution shows at equal allocation;
@@ -24,9 +26,11 @@ The inputs of the 12 MLP Linear layers (``intermediate.dense`` and
 Reported per source, target and method: the sparsity achieved on the
 evaluation text over real tokens (padding excluded), the mean cosine
 similarity of the mean-pooled embeddings to the dense model's, the seconds of
-the whole call (forward passes and allocation included) and the evaluation
-time as a ratio to the dense model's, timed side by side in this run
-(interleaved repetitions, median of the ratios). NNCF also runs at targets
+the whole call (forward passes and allocation included) and, for
+``sparsify``, ``weighted`` and NNCF calibrated on the other source, the
+evaluation time as a ratio to the dense model's, timed side by side in this
+run (interleaved repetitions, median of the ratios). Calibrated on the same
+source: ``sparsify``, ``uniform`` and NNCF only. NNCF also runs at targets
 above the last, so that its measured cosine-vs-sparsity curve spans the
 sparsities actsparse reaches; each actsparse row then shows NNCF's cosine at
 the same achieved sparsity (linear between NNCF's measured points of the same
@@ -72,9 +76,14 @@ NNCF_EXTRA_TARGETS = (0.65, 0.70)
 VARIANTS: dict[str, dict[str, Any]] = {
     "sparsify": {},
     "uniform": {"allocation": "uniform"},
+    "uncompensated": {"allocation": "uniform", "compensate": False},
     "weighted-uniform": {"allocation": "uniform", "mask_fn": "weighted_threshold"},
     "weighted": {"mask_fn": "weighted_threshold"},
 }
+#: The variants calibrated on the same source as the evaluation text.
+SAME_SOURCE_VARIANTS = ("sparsify", "uniform")
+#: The methods whose inference time is measured (other-source rows only).
+TIMED = ("sparsify", "weighted", "nncf")
 PASSAGES = int(os.environ.get("ACTSPARSE_MINILM_PASSAGES", "128"))
 MAX_TOKENS = 128
 BATCH = 16
@@ -170,16 +179,6 @@ def batches(tokenizer: Any, texts: list[str]) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def embed(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    outs = []
-    with torch.inference_mode():
-        for batch in data:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            outs.append((hidden * mask).sum(1) / mask.sum(1))
-    return torch.cat(outs)
-
-
 class ZeroCounter:
     """Counts zeros of the Linear inputs at real-token positions."""
 
@@ -198,25 +197,30 @@ class ZeroCounter:
 
     @property
     def sparsity(self) -> float:
-        return self.zeros / self.total
+        return self.zeros / self.total if self.total else 0.0
 
 
-def achieved_sparsity(
+def evaluate(
     model: nn.Module,
     data: list[dict[str, torch.Tensor]],
     attach: Callable[[ZeroCounter], list[Any]],
-) -> float:
+) -> tuple[float, torch.Tensor]:
+    """The sparsity of the 12 inputs over real tokens, and the mean-pooled embeddings,
+    from one pass over ``data``."""
     counter = ZeroCounter()
     handles = attach(counter)
+    outs = []
     try:
         with torch.inference_mode():
             for batch in data:
                 counter.mask = batch["attention_mask"]
-                model(**batch)
+                hidden = model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                outs.append((hidden * mask).sum(1) / mask.sum(1))
     finally:
         for handle in handles:
             handle.remove()
-    return counter.sparsity
+    return counter.sparsity, torch.cat(outs)
 
 
 def mlp_linears(model: nn.Module) -> list[nn.Module]:
@@ -372,41 +376,42 @@ def main() -> None:
     real = sum(int(b["attention_mask"].sum()) for b in evaluation)
     padded = sum(b["attention_mask"].numel() for b in evaluation)
 
-    reference = embed(dense, evaluation)
+    reference = evaluate(dense, evaluation, lambda counter: [])[1]
     repeat = int(os.environ.get("ACTSPARSE_MINILM_REPEAT", "3"))
     dense_calib_s = median_seconds(run_forward(dense, sources["other"]), repeat=1, warmup=1)
 
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for source, calib in sources.items():
+        variants = VARIANTS if source == "other" else SAME_SOURCE_VARIANTS
         for level in (*TARGETS, *NNCF_EXTRA_TARGETS):
             built: dict[str, tuple[nn.Module, float, dict[str, Any], Any]] = {}
             if level in TARGETS:
-                for method, options in VARIANTS.items():
-                    model, seconds, extra = actsparse_variant(dense, calib, level, options)
+                for method in variants:
+                    model, seconds, extra = actsparse_variant(dense, calib, level, VARIANTS[method])
                     built[method] = (model, seconds, extra, attach_actsparse(model))
             try:
                 model, seconds, extra = nncf_variant(dense, calib, level)
                 built["nncf"] = (model, seconds, extra, attach_nncf(model))
             except Exception as exc:  # report a failing NNCF, keep the rest
                 failed[f"nncf_{source}_{level}"] = repr(exc)[:200]
+            timed = [m for m in TIMED if m in built] if source == "other" else []
             ratios = interleaved_ratios(
                 run_forward(dense, evaluation),
-                {method: run_forward(model, evaluation) for method, (model, *_) in built.items()},
+                {method: run_forward(built[method][0], evaluation) for method in timed},
                 repeat=repeat,
             )
             for method, (model, seconds, extra, attach_fn) in built.items():
+                sparsity, embeddings = evaluate(model, evaluation, attach_fn)
                 rows.append(
                     {
                         "calibration": source,
                         "target": level,
                         "method": method,
-                        "sparsity_real_tokens": round(
-                            achieved_sparsity(model, evaluation, attach_fn), 4
-                        ),
-                        "cosine": round(cosine(embed(model, evaluation), reference), 5),
+                        "sparsity_real_tokens": round(sparsity, 4),
+                        "cosine": round(cosine(embeddings, reference), 5),
                         "calibration_s": round(seconds, 3),
-                        "inference_ratio": round(ratios[method], 3),
+                        "inference_ratio": round(ratios[method], 3) if method in ratios else "",
                         **extra,
                     }
                 )
@@ -426,6 +431,8 @@ def main() -> None:
             "batch": BATCH,
             "eval_real_token_fraction": round(real / padded, 4),
             "dense_pass_over_calibration_s": round(dense_calib_s, 3),
+            "inference_ratio": "measured for " + ", ".join(TIMED) + " (other source), "
+            f"median of {repeat} interleaved repetitions",
             "threads": torch.get_num_threads(),
             **{f"failed_{key}": error for key, error in failed.items()},
         },

@@ -239,7 +239,7 @@ def sparsify(
     compensate: bool = True,
     kernel: str = DENSE,
     progress: bool | None = None,
-    probe_examples: int = 8,
+    probe_examples: int = 4,
 ) -> ActivationSparsifier:
     r"""Threshold-mode activation sparsity at a model-wide ``target``, in one call.
 
