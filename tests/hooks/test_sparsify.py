@@ -329,3 +329,46 @@ def test_the_bert_preset_refuses_a_decoder() -> None:
         "preset 'bert' selects no layer.*'llama'",
         layers="bert",
     )
+
+
+# ------------------------------------------------------------ score, compensation
+
+
+def test_by_default_every_layer_compensates_its_zeros() -> None:
+    model, batches = model_and_batches()
+    state = sparsify(model, batches, target=0.5).state_dict()["state"]
+    assert sorted(state) == BERT_MLP
+    widths = {n: model.get_submodule(n).in_features for n in BERT_MLP}
+    assert all(state[n]["offset"].shape == (widths[n],) for n in BERT_MLP)
+
+    plain, batches = model_and_batches()
+    state = sparsify(plain, batches, target=0.5, compensate=False).state_dict()["state"]
+    assert all("offset" not in entry for entry in state.values())
+
+
+def test_mask_fn_chooses_the_score() -> None:
+    model, batches = model_and_batches()
+    sparsifier = sparsify(model, batches, target=0.5, mask_fn="weighted_threshold")
+    assert {g["mask_fn"] for g in sparsifier.data_groups.values()} == {"weighted_threshold"}
+    plain, batches = model_and_batches()
+    other = sparsify(plain, batches, target=0.5, allocation="uniform")
+    weighted, batches = model_and_batches()
+    same = sparsify(
+        weighted, batches, target=0.5, allocation="uniform", mask_fn="weighted_threshold"
+    )
+    assert other.thresholds != same.thresholds
+
+
+def test_greedy_levels_lie_around_the_target() -> None:
+    from actsparse.hooks._sparsify import greedy_levels
+
+    assert greedy_levels(0.4) == [0.2, 0.4, 0.6, 0.8]
+    assert greedy_levels(0.6) == [0.3, 0.6, 0.9, 0.95]
+    model, batches = model_and_batches()
+    levels = [r.target for r in sparsify(model, batches, target=0.3).thresholds.values()]
+    assert max(levels) <= 0.6 + 1e-9  # twice the target at most; a layer may stay at 0
+
+
+def test_compensate_must_be_a_bool() -> None:
+    model, batches = model_and_batches(1)
+    _refused(model, batches, ConfigError, "compensate must be True or False", compensate="yes")

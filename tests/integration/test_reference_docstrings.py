@@ -48,6 +48,7 @@ CALLS: list[tuple[str, Any]] = [
             "n_m_mask",
             "block_norm_mask",
             "target_threshold",
+            "column_norm",
         )
     ),
 ]

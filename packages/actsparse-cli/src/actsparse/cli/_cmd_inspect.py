@@ -98,6 +98,7 @@ def _describe_state(
                 "feature_dim": config["feature_dim"],
                 "mask": _tensors_info(record.mask, f"state[{name!r}]['mask']", bad),
                 "threshold": None if record.threshold is None else record.threshold.to_dict(),
+                "offset": _tensors_info(record.offset, f"state[{name!r}]['offset']", bad),
                 "data": _tensors_info(record.data, f"data_groups[{name!r}]['data']", bad),
             }
         )
@@ -175,6 +176,8 @@ def _print_inspection(report: dict[str, Any]) -> None:
                 f"{threshold['target']:.4g}, expected sparsity "
                 f"{threshold['expected_sparsity']:.4g}{reach})"
             )
+            if layer["offset"] is not None:
+                print(f"    offset:        {_summarise(layer['offset'])} (compensates the zeros)")
         print(f"    data:          {_summarise(layer['data'])}")
 
 

@@ -101,7 +101,7 @@ class Settings:
 
     target: float | None = None
     layers: str = "auto"
-    allocation: str = "uniform"
+    allocation: str = "greedy"
     max_tokens: int | None = None
     batch: int = 16
     max_passages: int | None = None

@@ -312,7 +312,12 @@ class MaskStrategy:
         dynamic: True for a threshold strategy: ``fn(reduced, **sparse_config)``
             returns ``(threshold, expected_sparsity, zero_fraction)`` (floats)
             instead of a mask, and after ``squash_mask()`` the layer zeroes,
-            per input, the entries with ``|x| <= threshold``.
+            per input, the entries whose score (``|x|``; see ``scale``) is at
+            most ``threshold``. A fourth element may follow: an offset, a
+            1-D float tensor with one number per input feature, the mean of
+            the values the threshold zeroes; the layer then adds the
+            offset's contribution (``f(offset) - f(0)`` for its own forward
+            ``f``) to its output.
         target_key: For a dynamic strategy, the ``sparse_config`` key that
             holds the target sparsity (``"sparsity_level"`` for the built-in
             ``target_threshold``): ``ThresholdResult.target`` reads it and

@@ -8,6 +8,13 @@ zeroed before the layer runs: by default with one ``hardshrink`` call in a
 pre-hook (the threshold is a Python float, rounded to the input's dtype by
 the kernel), so nothing else is built per call.
 
+A strategy with a ``scale`` (``weighted_threshold``) scores ``|x_i| * c_i``:
+the aggregate receives ``x * c``, and the hook zeroes ``|x_i| <= t / c_i``
+with a bound built when the hook is attached. A strategy that returns an
+offset (``target_threshold`` on ``abs_histogram(feature_sums=True)``)
+compensates its zeros: a forward hook adds ``f(offset) - f(0)``, computed
+once, to the layer's output.
+
 Valid positions: inside ``with sparsifier.valid_positions(mask):`` the
 aggregate of every threshold-mode layer receives ``valid=mask`` reshaped to
 broadcast against the layer's input (an attention mask ``(B, L)`` against an
@@ -202,7 +209,8 @@ def _shifted(layer: Layer, shift: torch.Tensor) -> Any:
 
 
 class Threshold:
-    """One threshold per layer, computed by ``step()``; ``|x| <= threshold`` is zeroed."""
+    """One threshold per layer, computed by ``step()``; the entries whose score is at or
+    below it are zeroed, and a compensating strategy's offset is added to the output."""
 
     kind = "threshold"
 
