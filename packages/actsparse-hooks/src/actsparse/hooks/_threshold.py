@@ -208,6 +208,33 @@ def _shifted(layer: Layer, shift: torch.Tensor) -> Any:
     return compensate_hook
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` computes ``F.linear(x, weight, bias)``: an ``nn.Linear`` whose
+    class keeps ``nn.Linear.forward``."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def shifted_forward(module: nn.Module, shift: torch.Tensor) -> Callable[..., Any]:
+    """``module``'s own forward plus ``shift``: for a plain ``nn.Linear`` one
+    ``F.linear`` with ``bias + shift`` (built here, once), so the shift costs nothing
+    per call; for any other module the forward, then one addition."""
+    if isinstance(module, nn.Linear) and _plain_linear(module):
+        linear_module = module
+        bias = linear_module.bias
+        shifted_bias = shift if bias is None else (bias.detach() + shift)
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, linear_module.weight, shifted_bias)
+
+        return linear
+    own = type(module).forward.__get__(module)
+
+    def shifted(*args: Any, **kwargs: Any) -> Any:
+        return own(*args, **kwargs) + shift
+
+    return shifted
+
+
 class Threshold:
     """One threshold per layer, computed by ``step()``; the entries whose score is at or
     below it are zeroed, and a compensating strategy's offset is added to the output."""
@@ -290,7 +317,13 @@ class Threshold:
             handle = layer.module.register_forward_pre_hook(self._plain_hook(layer, threshold))
         if shift is None:
             return handle
-        return _Handles(handle, layer.module.register_forward_hook(_shifted(layer, shift)))
+        module = layer.module
+        if _plain_linear(module):
+            # the shift joins the bias: the same one F.linear call as before
+            forward = shifted_forward(module, shift)
+            module.__dict__["forward"] = forward
+            return _Handles(handle, _ForwardHandle(module, forward))
+        return _Handles(handle, module.register_forward_hook(_shifted(layer, shift)))
 
     @staticmethod
     def _plain_hook(layer: Layer, threshold: float) -> PreHook:
@@ -475,9 +508,13 @@ class KernelThreshold(Threshold):
         apply = self.plan.kernel.apply
         if apply is None:  # the runtime's own dense path
             return super().sparsify(layer)
-        own = type(module).forward.__get__(module)
         limit = self.plan.limit
         shift = output_shift(layer, self._offset)
+        own = (
+            type(module).forward.__get__(module)
+            if shift is None
+            else shifted_forward(module, shift)
+        )
         scored = scored_zero(layer, threshold)
         zero: Callable[[torch.Tensor], torch.Tensor]
         fast: Callable[[torch.Tensor], Any]
@@ -497,6 +534,13 @@ class KernelThreshold(Threshold):
                 return kernel_fast(scored(x))
 
             fast = scored_fast
+        if shift is not None:
+            unshifted = fast
+
+            def shifted_fast(x: torch.Tensor) -> Any:
+                return unshifted(x) + shift
+
+            fast = shifted_fast
 
         if limit is None:
 
@@ -515,12 +559,6 @@ class KernelThreshold(Threshold):
                 if x.numel() <= limit * x.shape[-1]:
                     return fast(x)
                 return own(zero(x))
-
-        if shift is not None:
-            uncompensated = forward
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                return uncompensated(*args, **kwargs) + shift
 
         module.__dict__["forward"] = forward
         return _ForwardHandle(module, forward)
