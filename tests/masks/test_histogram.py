@@ -74,4 +74,9 @@ def test_registered_as_dynamic() -> None:
     registry = get_registry()
     assert registry.get("mask", "target_threshold").dynamic
     assert not registry.get("mask", "magnitude").dynamic
-    assert registry.get("aggregate", "abs_histogram").params == {"bins_per_octave", "log2_range"}
+    assert registry.get("aggregate", "abs_histogram").params == {
+        "bins_per_octave",
+        "log2_range",
+        "feature_sums",
+    }
+    assert registry.get("mask", "weighted_threshold").dynamic

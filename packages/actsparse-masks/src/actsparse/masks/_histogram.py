@@ -301,6 +301,12 @@ def column_norm(layer: torch.nn.Module) -> torch.Tensor:
     ``|x_i| * ||W[:, i]||``): zeroing ``x_i`` changes the layer's output by
     ``x_i * W[:, i]``, whose norm is that score. Computed in float32.
 
+    Args:
+        layer: The module that consumes the input; its ``weight`` is read.
+
+    Returns:
+        A float32 tensor of ``in_features`` non-negative numbers.
+
     Raises:
         ConfigError: The layer has no 2-D ``weight`` of shape
             ``(out_features, in_features)``, as ``nn.Linear`` has.
