@@ -372,3 +372,16 @@ def test_greedy_levels_lie_around_the_target() -> None:
 def test_compensate_must_be_a_bool() -> None:
     model, batches = model_and_batches(1)
     _refused(model, batches, ConfigError, "compensate must be True or False", compensate="yes")
+
+
+def test_the_probe_examples_are_the_first_rows_of_the_first_batches() -> None:
+    from actsparse.hooks._sparsify import probe_set
+
+    x = torch.arange(12.0).reshape(6, 2)
+    batches = [{"x": x[:3], "attention_mask": torch.ones(3, 2)}, {"x": x[3:], "n": 7}]
+    got = probe_set(batches, 5)
+    assert [b["x"].tolist() for b in got] == [x[:3].tolist(), x[3:5].tolist()]
+    assert got[1]["n"] == 7  # what is not a tensor passes through
+    assert [t.shape[0] for t in probe_set([x, x], 4)] == [4]
+    assert [t[0].shape[0] for t in probe_set([(x,), (x,)], 8)] == [6, 2]
+    assert probe_set([torch.tensor(1.0)], 3)[0].ndim == 0  # no batch dimension: whole
