@@ -272,3 +272,16 @@ def test_compensation_never_moves_the_zeros(seed: int, level: float, shift: floa
             model(data(seed=seed + 1, batches=1)[0])
         handle.remove()
     assert torch.equal(seen["plain"] == 0, seen["compensated"] == 0)
+
+
+@pytest.mark.parametrize(("mask_fn", "sums"), VARIANTS)
+def test_a_squashed_model_still_runs_after_a_dtype_change(mask_fn: str, sums: bool) -> None:
+    model = mlp()
+    calibrated(model, sums=sums, mask_fn=mask_fn)
+    x = data(seed=4, batches=1)[0]
+    with torch.no_grad():
+        want = model(x)
+        model.double()  # the shift and the bound were built in float32
+        got = model(x.double())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want.double(), rtol=1e-4, atol=1e-4)

@@ -138,7 +138,8 @@ def scored_zero(layer: Layer, threshold: float) -> Callable[[torch.Tensor], torc
     )
 
     def zero(x: torch.Tensor) -> torch.Tensor:
-        return x.masked_fill(x.abs() <= _fits(layer, bound, x), 0)
+        # .to: a no-op unless the model moved to another device after squashing
+        return x.masked_fill(x.abs() <= _fits(layer, bound, x).to(x.device), 0)
 
     return zero
 
@@ -203,7 +204,8 @@ def _shifted(layer: Layer, shift: torch.Tensor) -> Any:
                 f"layer {layer.name!r}: a compensating threshold adds to the layer's output, "
                 f"which is a {type(output).__name__}, not a tensor"
             )
-        return output + shift
+        # a no-op unless the model moved to another device or dtype after squashing
+        return output + shift.to(device=output.device, dtype=output.dtype)
 
     return compensate_hook
 
@@ -224,13 +226,16 @@ def shifted_forward(module: nn.Module, shift: torch.Tensor) -> Callable[..., Any
         shifted_bias = shift if bias is None else (bias.detach() + shift)
 
         def linear(x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, linear_module.weight, shifted_bias)
+            weight = linear_module.weight
+            # a no-op unless the model moved to another device or dtype after squashing
+            return F.linear(x, weight, shifted_bias.to(device=weight.device, dtype=weight.dtype))
 
         return linear
     own = type(module).forward.__get__(module)
 
     def shifted(*args: Any, **kwargs: Any) -> Any:
-        return own(*args, **kwargs) + shift
+        out = own(*args, **kwargs)
+        return out + shift.to(device=out.device, dtype=out.dtype)
 
     return shifted
 
@@ -538,7 +543,8 @@ class KernelThreshold(Threshold):
             unshifted = fast
 
             def shifted_fast(x: torch.Tensor) -> Any:
-                return unshifted(x) + shift
+                out = unshifted(x)
+                return out + shift.to(device=out.device, dtype=out.dtype)
 
             fast = shifted_fast
 
