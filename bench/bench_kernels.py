@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import report
 
-from actsparse.hooks._kernels import cpu_kernel_status, measure_crossover, sparse_linear
+from actsparse.kernels import cpu_kernel_status, measure_crossover, sparse_linear
 
 SHAPES = ((4096, 11008), (11008, 4096))
 QUICK_SHAPES = ((1024, 2752), (2752, 1024))

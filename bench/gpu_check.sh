@@ -11,14 +11,15 @@
 #   python -m venv .venv-gpu && . .venv-gpu/bin/activate
 #   pip install -c constraints.txt torch==2.13.0 triton==3.9.0 \
 #       -e packages/actsparse-core -e packages/actsparse-masks \
-#       -e 'packages/actsparse-hooks[triton]' -e packages/actsparse-serialize \
+#       -e packages/actsparse-hooks -e 'packages/actsparse-kernels[triton]' \
+#       -e packages/actsparse-serialize \
 #       -e packages/actsparse-cli -e tests/fixtures/actsparse-fixture-plugin \
 #       'pytest>=8' 'hypothesis>=6.100' numpy safetensors 'scikit-learn>=1.3' \
 #       'matplotlib>=3.7' 'tqdm>=4.66'
 #
 # Steps, each run even if one before it failed; the exit status is 1 if any failed:
 #   1. the GPU, its driver, torch, CUDA and triton, and whether the kernel can run;
-#   2. the test suite (pytest tests -q): tests/triton_kernel runs the Triton kernel
+#   2. the test suite (pytest tests -q): tests/kernels runs the Triton kernel
 #      on the CUDA device (TRITON_INTERPRET is cleared), the other tests where they
 #      support CUDA;
 #   3. python bench/bench_hooks.py --device cuda (hook overhead on the GPU);
@@ -53,7 +54,7 @@ step() {
 step machine bash -c 'date -u; nvidia-smi || echo "nvidia-smi: not found"'
 step versions python -c '
 import torch
-from actsparse.hooks._triton import triton_kernel_status
+from actsparse.kernels import triton_kernel_status
 print("torch", torch.__version__, "built for CUDA", torch.version.cuda)
 if torch.cuda.is_available():
     index = torch.cuda.current_device()

@@ -49,7 +49,7 @@ from _report import report
 from bench_llama_mlp import achieved, stack, weight_bytes
 
 from actsparse.hooks import ActivationSparsifier
-from actsparse.hooks._triton import (
+from actsparse.kernels import (
     measure_cuda_crossover,
     triton_kernel_status,
     triton_sparse_linear,

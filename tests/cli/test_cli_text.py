@@ -488,7 +488,9 @@ def test_an_unknown_kernel(
 ) -> None:
     code, _, err = run(["evaluate", bert, bert_state, "--text", text, "--kernel", "gpu"], capsys)
     assert code == 2
-    assert "no such kernel; known: auto, " in one_error_line(err, "evaluate")
+    line = one_error_line(err, "evaluate")
+    assert "--kernel gpu: unknown kernel 'gpu'" in line
+    assert "'auto' picks the fastest exact kernel" in line
 
 
 def test_output_paths_that_cannot_be_written(

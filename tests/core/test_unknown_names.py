@@ -13,7 +13,7 @@ from actsparse.core import (
     UnknownStrategyError,
     get_registry,
 )
-from actsparse.core._unknown import BUILTIN_NAMES
+from actsparse.core._unknown import BUILTIN_NAMES, PLUGIN_PACKAGES
 
 
 def _ident(x: object) -> object:
@@ -32,9 +32,17 @@ def test_the_builtin_names_are_what_actsparse_registers() -> None:
         registered = {
             entry.record.name
             for entry in registry.entries(kind)
-            if entry.distribution in FIRST_PARTY_DISTRIBUTIONS
+            if entry.distribution == KINDS[kind].package
         }
         assert registered == BUILTIN_NAMES[kind], kind
+        others = {
+            entry.distribution
+            for entry in registry.entries(kind)
+            if entry.distribution in FIRST_PARTY_DISTRIBUTIONS
+            and entry.distribution != KINDS[kind].package
+        }
+        # another distribution of ours registers names of this kind only where core says so
+        assert others <= {PLUGIN_PACKAGES.get(kind)}, (kind, others)
 
 
 @pytest.mark.parametrize(

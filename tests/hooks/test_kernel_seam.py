@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from actsparse.core import (
     ConfigError,
     KernelStrategy,
+    Tolerance,
     UnknownStrategyError,
     get_registry,
     hookimpl,
@@ -104,6 +105,33 @@ def test_auto_uses_the_kernel_up_to_its_crossover(kernel: str) -> None:
         model(torch.randn(2, 3, 8))
         model(torch.randn(5, 8))  # above the crossover of 4 tokens: dense
     assert CALLS == [1, 1, 4, 4]
+
+
+LOSSY = {"crossover": lambda m, s: 64, "tolerance": Tolerance(rtol=1e-2)}
+
+
+@pytest.mark.parametrize("kernel", [LOSSY], indirect=True)
+def test_auto_never_picks_a_lossy_kernel_but_a_named_one_runs(kernel: str) -> None:
+    model, s = _calibrated()
+    s.squash_mask(kernel="auto")
+    with torch.no_grad():
+        model(torch.randn(1, 8))
+    assert CALLS == []  # a lossy kernel wins at every count, and auto still keeps dense
+    s.set_kernel(kernel)
+    with torch.no_grad():
+        model(torch.randn(1, 8))
+    assert CALLS == [1, 1]
+
+
+@pytest.mark.parametrize("kernel", [LOSSY], indirect=True)
+def test_the_list_of_known_kernels_marks_the_lossy_ones(kernel: str) -> None:
+    _, s = _calibrated()
+    with pytest.raises(UnknownStrategyError) as info:
+        s.squash_mask(kernel="no_such_kernel")
+    message = str(info.value)
+    assert f"{kernel!r} (lossy)" in message
+    assert "'dense'," in message or "'dense'." in message  # exact kernels carry no mark
+    assert "'auto' picks the fastest exact kernel" in message
 
 
 @pytest.mark.parametrize("kernel", [{"crossover": lambda m, s: 0}], indirect=True)

@@ -385,3 +385,51 @@ def test_the_probe_examples_are_the_first_rows_of_the_first_batches() -> None:
     assert [t.shape[0] for t in probe_set([x, x], 4)] == [4]
     assert [t[0].shape[0] for t in probe_set([(x,), (x,)], 8)] == [6, 2]
     assert probe_set([torch.tensor(1.0)], 3)[0].ndim == 0  # no batch dimension: whole
+
+
+def _level_threshold(histogram: Any, level: float) -> Any:
+    """The built-in ``target_threshold``, under a target key of its own (``level``)."""
+    from actsparse.masks._histogram import target_threshold
+
+    return target_threshold(histogram, sparsity_level=level)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_a_third_party_threshold_gets_the_target_under_its_own_key(allocation: str) -> None:
+    import types
+
+    from actsparse.core import MaskStrategy, hookimpl, register_plugin, unregister_plugin
+
+    @hookimpl
+    def actsparse_mask_strategies() -> list[MaskStrategy]:
+        return [
+            MaskStrategy(
+                name="level_threshold",
+                fn=_level_threshold,
+                params={"level"},
+                required={"level"},
+                dynamic=True,
+                target_key="level",
+            )
+        ]
+
+    name = register_plugin(
+        types.SimpleNamespace(actsparse_mask_strategies=actsparse_mask_strategies),
+        name="level-threshold",
+    )
+    try:
+        model, batches = model_and_batches()
+        sparsifier = sparsify(
+            model,
+            batches,
+            target=0.5,
+            mask_fn="level_threshold",
+            allocation=allocation,
+            compensate=False,
+        )
+        for name_ in sparsifier.thresholds:
+            assert sparsifier.data_groups[name_]["sparse_config"]["level"] > 0
+            assert "sparsity_level" not in sparsifier.data_groups[name_]["sparse_config"]
+        assert real_token_sparsity(model, hooked(model), batches) == pytest.approx(0.5, abs=0.05)
+    finally:
+        unregister_plugin(name=name)

@@ -13,7 +13,12 @@ from actsparse.cli import _hf, _measure, _recipe
 from actsparse.cli._app import CommandError, UsageError
 from actsparse.cli._cmd_calibrate import add_text_options
 from actsparse.cli._outputs import check_file, write_atomic
-from actsparse.core import SerializationError, find_module, get_registry, parse_state_dict
+from actsparse.core import (
+    ActsparseError,
+    SerializationError,
+    find_module,
+    parse_state_dict,
+)
 
 __all__ = ["HELP", "configure", "run"]
 
@@ -68,9 +73,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def check_kernel(kernel: str) -> None:
-    known = get_registry().names("kernel")
-    if kernel != "auto" and kernel not in known:
-        raise UsageError(f"--kernel {kernel}: no such kernel; known: auto, {', '.join(known)}")
+    """Refuse a ``--kernel`` that is neither ``auto`` nor a registered kernel (the runtime's
+    one check, shown as a usage error)."""
+    from actsparse.hooks import check_kernel_name
+
+    try:
+        check_kernel_name(kernel)
+    except ActsparseError as exc:
+        raise UsageError(f"--kernel {kernel}: {exc}") from None
 
 
 def read_state(path: Path) -> list[str]:

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from actsparse.cli._app import CommandError
-from actsparse.core import SNIFF_BYTES, STRATEGY_KEYS, SerializationError, parse_state_dict
+from actsparse.core import (
+    FEATURE_DIM_KEY,
+    FEATURES_KEY,
+    SNIFF_BYTES,
+    SPARSE_CONFIG_KEY,
+    STRATEGY_KEYS,
+    SerializationError,
+    parse_state_dict,
+)
 
 __all__ = ["HELP", "configure", "run"]
 
@@ -93,9 +101,9 @@ def _describe_state(
                 "name": name,
                 "hook_state": record.hook_state,
                 **{key: config[key] for key in STRATEGY_KEYS},
-                "sparse_config": _plain(config["sparse_config"]),
-                "features": _plain(config["features"]),
-                "feature_dim": config["feature_dim"],
+                SPARSE_CONFIG_KEY: _plain(config[SPARSE_CONFIG_KEY]),
+                FEATURES_KEY: _plain(config[FEATURES_KEY]),
+                FEATURE_DIM_KEY: config[FEATURE_DIM_KEY],
                 "mask": _tensors_info(record.mask, f"state[{name!r}]['mask']", bad),
                 "threshold": None if record.threshold is None else record.threshold.to_dict(),
                 "offset": _tensors_info(record.offset, f"state[{name!r}]['offset']", bad),
@@ -148,19 +156,20 @@ def _print_inspection(report: dict[str, Any]) -> None:
     )
     defaults = report["defaults"]
     strategies = ", ".join(f"{key}={defaults.get(key) or 'none'}" for key in STRATEGY_KEYS)
-    print(f"defaults: {strategies}, sparse_config={_text(defaults.get('sparse_config', {}))}")
+    shown = _text(defaults.get(SPARSE_CONFIG_KEY, {}))
+    print(f"defaults: {strategies}, {SPARSE_CONFIG_KEY}={shown}")
     print(f"mid-calibration data: {'present' if report['calibration_data'] else 'none'}")
     layers = report["layers"]
     print(f"layers: {len(layers)}")
     for layer in layers:
         strategies = ", ".join(f"{key}={layer[key] or 'none'}" for key in STRATEGY_KEYS)
         features = "none"
-        if layer["features"] is not None:
-            features = f"{_text(layer['features'])} along dim {layer['feature_dim']}"
+        if layer[FEATURES_KEY] is not None:
+            features = f"{_text(layer[FEATURES_KEY])} along dim {layer[FEATURE_DIM_KEY]}"
         print(f"  {layer['name']}")
         print(f"    hook_state:    {layer['hook_state']}")
         print(f"    strategies:    {strategies}")
-        print(f"    sparse_config: {_text(layer['sparse_config'])}")
+        print(f"    sparse_config: {_text(layer[SPARSE_CONFIG_KEY])}")
         print(f"    features:      {features}")
         threshold = layer["threshold"]
         if threshold is None:

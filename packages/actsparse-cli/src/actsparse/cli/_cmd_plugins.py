@@ -46,6 +46,13 @@ def _parameters(kind: str, record: Any) -> str:
         if record.binary:
             return f"file format ({record.suffix})" if record.suffix else "file format"
         return "in-memory"
+    if kind == "kernel":
+        if record.apply is None:
+            return "exact (the runtime's own path)"
+        if record.exact:
+            return "exact"
+        tolerance = record.tolerance
+        return f"lossy (rtol {tolerance.rtol:g}, atol {tolerance.atol:g}); only when named"
     return "-"
 
 
@@ -54,6 +61,7 @@ _DETAILS_HEADER = {
     "reduce": "properties",
     "mask": "parameters (sparse_config)",
     "serializer": "format",
+    "kernel": "exact or lossy",
 }
 
 
@@ -82,6 +90,12 @@ def _plugin_rows(kinds: Sequence[str]) -> list[dict[str, Any]]:
             elif kind == "serializer":
                 row["binary"] = record.binary
                 row["suffix"] = record.suffix
+            elif kind == "kernel":
+                tolerance = record.tolerance
+                row["exact"] = record.exact
+                row["tolerance"] = (
+                    None if tolerance is None else {"rtol": tolerance.rtol, "atol": tolerance.atol}
+                )
             rows.append(row)
     return rows
 

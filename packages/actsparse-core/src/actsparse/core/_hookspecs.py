@@ -124,8 +124,10 @@ def actsparse_kernels() -> Sequence[KernelStrategy]:  # type: ignore[empty-body]
     computes the layer, skipping what the zeros make useless. ``supports``
     says which modules it computes, ``available`` what the machine lacks, and
     ``crossover`` up to how many tokens it beats the dense layer, so that
-    ``kernel="auto"`` can choose per call. Names must be unique across all
-    installed plugins.
+    ``kernel="auto"`` can choose per call. ``tolerance`` declares a lossy
+    kernel (one that changes weight values, such as a quantizing kernel) and
+    how far its outputs may lie from the dense layer; ``auto`` never picks a
+    lossy kernel. Names must be unique across all installed plugins.
 
     Example::
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "MaskStrategy",
     "ReduceStrategy",
     "Serializer",
+    "Tolerance",
     "check_values",
     "infer_params",
     "split_sparse_config",
@@ -555,6 +557,51 @@ class Serializer:
             return False
 
 
+def _check_tolerance_number(
+    instance: object, attribute: attrs.Attribute[Any], value: object
+) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(f"Tolerance.{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+@attrs.frozen
+class Tolerance:
+    """How far a lossy kernel's outputs may lie from the dense layer on its own weights.
+
+    For every output ``j`` of a layer computed by the kernel, with ``x'`` the
+    input after zeroing (``|x| <= threshold`` set to 0), ``W`` and ``b`` the
+    layer's weight and bias as they are after ``KernelStrategy.apply`` (a
+    lossy kernel may have replaced their values, by their quantized values
+    for example) and ``ref = F.linear(x', W, b)``::
+
+        |y_j - ref_j| <= rtol * S_j + atol,   S_j = |b_j| + sum_i |x'_i * W_ji|
+
+    on top of the rounding that any order of the sum allows. ``S_j`` is the
+    size of the sum, so the bound follows the scale of the layer. NaN and
+    infinite outputs must match the reference's exactly.
+
+    Attributes:
+        rtol: The bound relative to ``S_j``.
+        atol: The absolute bound.
+    """
+
+    rtol: float = attrs.field(converter=float, validator=_check_tolerance_number)  # type: ignore[misc]
+    atol: float = attrs.field(default=0.0, converter=float, validator=_check_tolerance_number)  # type: ignore[misc]
+
+
+def _check_tolerance(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, Tolerance):
+        raise ConfigError(
+            f"KernelStrategy.tolerance must be None (an exact kernel) or a Tolerance (a lossy "
+            f"one), got {value!r}"
+        )
+
+
 @attrs.frozen
 class KernelStrategy:
     """How a threshold-mode layer is computed once squashed: zero ``|x| <= t``, then the layer.
@@ -573,9 +620,10 @@ class KernelStrategy:
         apply: ``apply(module, threshold) -> fn`` where ``fn(x)`` returns
             ``module(x with |x| <= threshold zeroed)`` for inputs of shape
             ``(*, in_features)``. It may change how the module stores its
-            parameters (once, keeping one copy of every weight), never their
-            values. ``None`` is the runtime's own path: a pre-hook that zeroes
-            with ``hardshrink``, then the module's forward.
+            parameters (once, keeping one copy of every weight); only a
+            lossy kernel (see ``tolerance``) may change their values.
+            ``None`` is the runtime's own path: a pre-hook that zeroes with
+            ``hardshrink``, then the module's forward.
         available: ``available() -> str | None``: None when this machine can
             run the kernel now, else what is missing (a compiler, a GPU, a
             package). Called when a kernel is chosen, never per call.
@@ -584,6 +632,15 @@ class KernelStrategy:
             dense layer at that input sparsity, measured on this machine
             (0: never). ``"auto"`` uses the kernel up to that count and the
             dense path above it; ``None`` means ``"auto"`` never picks it.
+        tolerance: ``None`` for an exact kernel: its outputs equal the dense
+            layer's up to the order of the float sums, and ``apply`` changes
+            how the module stores its parameters, never their values. A
+            :class:`Tolerance` for a lossy kernel: ``apply`` may replace the
+            values of the module's weights (quantizing them, say; the
+            ``dense`` kernel then computes with the new values), and the
+            outputs lie within the tolerance of the dense layer on those
+            weights. ``"auto"`` picks only exact kernels; a lossy one runs
+            when it is named.
         description: One line for ``actsparse plugins`` and the docs.
     """
 
@@ -598,7 +655,13 @@ class KernelStrategy:
     crossover: Callable[[Any, float], int] | None = attrs.field(
         default=None, validator=_check_optional_callable
     )
+    tolerance: Tolerance | None = attrs.field(default=None, validator=_check_tolerance)
     description: str = attrs.field(default="", validator=_of_type(str))
+
+    @property
+    def exact(self) -> bool:
+        """Whether the kernel matches the dense layer up to summation order (no tolerance)."""
+        return self.tolerance is None
 
     def unavailable(self) -> str | None:
         """What this machine lacks to run the kernel, or None."""

@@ -55,7 +55,14 @@ __all__ = [
 ENTRY_POINT_GROUP = PROJECT_NAME
 BLOCK_ENV_VAR = "ACTSPARSE_BLOCK_PLUGINS"
 FIRST_PARTY_DISTRIBUTIONS = frozenset(
-    {"actsparse-core", "actsparse-masks", "actsparse-hooks", "actsparse-serialize", "actsparse-cli"}
+    {
+        "actsparse-core",
+        "actsparse-masks",
+        "actsparse-hooks",
+        "actsparse-kernels",
+        "actsparse-serialize",
+        "actsparse-cli",
+    }
 )
 
 
@@ -477,20 +484,26 @@ class Registry:
                     name=name,
                     known=table,
                     note=self._absent_builtins(info),
+                    marks={
+                        key: "lossy"
+                        for key, entry in table.items()
+                        if isinstance(entry.record, KernelStrategy) and not entry.record.exact
+                    },
                 )
             ) from None
 
     def _absent_builtins(self, info: Kind) -> str:
         """A note for the case where the built-ins' package is installed but not registered."""
+        package = info.package
         table = self._entries[info.key]
-        if any(entry.distribution == info.package for entry in table.values()):
+        if any(entry.distribution == package for entry in table.values()):
             return ""
         try:
-            importlib.metadata.distribution(info.package)
+            importlib.metadata.distribution(package)
         except importlib.metadata.PackageNotFoundError:
             return ""
         return (
-            f" ({info.package} is installed, but its plugin is not registered here: "
+            f" ({package} is installed, but its plugin is not registered here: "
             f"check {BLOCK_ENV_VAR} and any PluginWarning)"
         )
 

@@ -39,15 +39,24 @@ from actsparse.core._protocols import Mask
 
 __all__ = [
     "AGGREGATE",
+    "AGGREGATE_FN_KEY",
     "CONFIG_KEYS",
     "DATA_GROUP_KEYS",
     "DATA_KEY",
     "DETACHED",
     "FORMAT_VERSION_KEY",
+    "FEATURES_KEY",
+    "FEATURE_DIM_KEY",
+    "HOOK_KEY",
     "HOOK_STATES",
     "HOOK_STATE_KEY",
+    "LAYER_KEY",
+    "LAYER_KEYS",
+    "MASK_FN_KEY",
     "MASK_KEY",
     "OFFSET_KEY",
+    "REDUCE_FN_KEY",
+    "SPARSE_CONFIG_KEY",
     "SPARSIFY",
     "STATE_FORMAT_VERSION",
     "STATE_KEYS",
@@ -59,8 +68,10 @@ __all__ = [
     "check_offset",
     "checked_sparse_coo",
     "convert_masks",
+    "make_config",
     "mask_to_dense",
     "mask_to_sparse",
+    "merge_config",
     "parse_state_dict",
 ]
 
@@ -71,20 +82,39 @@ FORMAT_VERSION_KEY = "format_version"
 #: The version of the layout that this actsparse writes and reads.
 STATE_FORMAT_VERSION = 1
 
+#: The configuration key of a layer's aggregate strategy.
+AGGREGATE_FN_KEY = "aggregate_fn"
+#: The configuration key of a layer's reduce strategy.
+REDUCE_FN_KEY = "reduce_fn"
+#: The configuration key of a layer's mask strategy.
+MASK_FN_KEY = "mask_fn"
+#: The configuration key of a layer's selected features.
+FEATURES_KEY = "features"
+#: The configuration key of the dimension that ``features`` index.
+FEATURE_DIM_KEY = "feature_dim"
+#: The configuration key of the options of a layer's strategies.
+SPARSE_CONFIG_KEY = "sparse_config"
+#: The configuration keys that ``register_layer`` takes as arguments of their own; every
+#: other keyword argument is a ``sparse_config`` key.
+LAYER_KEYS = (AGGREGATE_FN_KEY, REDUCE_FN_KEY, MASK_FN_KEY, FEATURES_KEY, FEATURE_DIM_KEY)
 #: The keys a layer's configuration holds (and ``defaults`` holds).
-CONFIG_KEYS = ("aggregate_fn", "reduce_fn", "mask_fn", "features", "feature_dim", "sparse_config")
+CONFIG_KEYS = (*LAYER_KEYS, SPARSE_CONFIG_KEY)
 #: The configuration keys that hold strategies, and the registry kind of each.
 STRATEGY_KEYS: Mapping[str, str] = {
-    "aggregate_fn": "aggregate",
-    "reduce_fn": "reduce",
-    "mask_fn": "mask",
+    AGGREGATE_FN_KEY: "aggregate",
+    REDUCE_FN_KEY: "reduce",
+    MASK_FN_KEY: "mask",
 }
+#: A data group's key for the registered module (at run time only).
+LAYER_KEY = "layer"
+#: A data group's key for the attached hook's handle (at run time only).
+HOOK_KEY = "hook"
 #: A data group's key for which hook is attached.
 HOOK_STATE_KEY = "hook_state"
 #: A data group's key for the aggregated data, present while there is some.
 DATA_KEY = "data"
 #: The keys every data group holds at run time.
-DATA_GROUP_KEYS = (*CONFIG_KEYS, "layer", HOOK_STATE_KEY)
+DATA_GROUP_KEYS = (*CONFIG_KEYS, LAYER_KEY, HOOK_STATE_KEY)
 #: A layer state's key for its mask.
 MASK_KEY = "mask"
 #: A layer state's key for its threshold (threshold mode, after ``step()``).
@@ -100,6 +130,42 @@ SPARSIFY = "sparsify"
 DETACHED = "None"
 #: The values of ``hook_state``: which hook is attached.
 HOOK_STATES = (AGGREGATE, SPARSIFY, DETACHED)
+
+
+def make_config(
+    aggregate_fn: Any = None,
+    reduce_fn: Any = None,
+    mask_fn: Any = None,
+    features: Any = None,
+    feature_dim: Any = None,
+    sparse_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A configuration, one entry per :data:`CONFIG_KEYS` (the sparsifier's ``defaults``)."""
+    return {
+        AGGREGATE_FN_KEY: aggregate_fn,
+        REDUCE_FN_KEY: reduce_fn,
+        MASK_FN_KEY: mask_fn,
+        FEATURES_KEY: features,
+        FEATURE_DIM_KEY: feature_dim,
+        SPARSE_CONFIG_KEY: dict(sparse_config or {}),
+    }
+
+
+def merge_config(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A layer's configuration: a deep copy of ``defaults`` overridden as ``register_layer``
+    overrides it.
+
+    The :data:`LAYER_KEYS` in ``overrides`` that are not None replace the
+    defaults; every other key updates ``sparse_config``.
+    """
+    config = copy.deepcopy(dict(defaults))
+    for key, value in overrides.items():
+        if key in LAYER_KEYS:
+            if value is not None:
+                config[key] = copy.deepcopy(value)
+        else:
+            config[SPARSE_CONFIG_KEY][key] = copy.deepcopy(value)
+    return config
 
 
 def _fraction(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -370,7 +436,7 @@ def _config(value: object, where: str, *, names_only: bool) -> dict[str, Any]:
                 + ("" if names_only else " or a callable")
                 + f", got {type(strategy).__name__}"
             )
-    if not isinstance(config["sparse_config"], Mapping):
+    if not isinstance(config[SPARSE_CONFIG_KEY], Mapping):
         raise SerializationError(f"{where}['sparse_config'] must be a mapping")
     return {key: config[key] for key in CONFIG_KEYS}
 
@@ -523,7 +589,7 @@ def parse_state_dict(state_dict: object, *, names_only: bool = False) -> StateDi
                 f"{where}['hook_state'] must be one of {HOOK_STATES}, got {hook_state!r}"
             )
         entry = _mapping(state.get(name, {}), f"state[{name!r}]")
-        mask = _mask(entry.get(MASK_KEY), config["features"], f"state[{name!r}]['mask']")
+        mask = _mask(entry.get(MASK_KEY), config[FEATURES_KEY], f"state[{name!r}]['mask']")
         threshold = _threshold_of(entry.get(THRESHOLD_KEY), f"state[{name!r}]['threshold']")
         if threshold is not None and mask is not None:
             raise SerializationError(

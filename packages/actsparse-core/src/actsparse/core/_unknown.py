@@ -10,9 +10,10 @@ cannot name. Both get "did you mean ...?" when a registered name is close.
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 from collections.abc import Iterable, Mapping
 
-__all__ = ["BUILTIN_NAMES", "unknown_name_message"]
+__all__ = ["BUILTIN_NAMES", "PLUGIN_PACKAGES", "unknown_name_message"]
 
 #: The names that actsparse's own distributions register, by kind. A test
 #: checks this against what they register, so it never drifts.
@@ -31,12 +32,26 @@ BUILTIN_NAMES: Mapping[str, frozenset[str]] = {
         }
     ),
     "serializer": frozenset({"sparse_coo", "safetensors", "torch"}),
-    "kernel": frozenset({"dense", "cpu_sparse", "triton_sparse"}),
+    "kernel": frozenset({"dense"}),
 }
 
+#: Kinds whose names another first-party distribution registers, beyond the built-ins
+#: above, and that distribution: the zero-skipping kernels come with actsparse-kernels,
+#: whose kernels core does not list (adding a kernel changes nothing here).
+PLUGIN_PACKAGES: Mapping[str, str] = {"kernel": "actsparse-kernels"}
 
-def _quoted(names: Iterable[str]) -> str:
-    return ", ".join(repr(n) for n in names)
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _quoted(names: Iterable[str], marks: Mapping[str, str] | None = None) -> str:
+    marks = marks or {}
+    return ", ".join(repr(n) + (f" ({marks[n]})" if n in marks else "") for n in names)
 
 
 def _one_of(names: list[str]) -> str:
@@ -45,7 +60,14 @@ def _one_of(names: list[str]) -> str:
 
 
 def unknown_name_message(
-    *, kind: str, label: str, package: str, name: object, known: Iterable[str], note: str = ""
+    *,
+    kind: str,
+    label: str,
+    package: str,
+    name: object,
+    known: Iterable[str],
+    note: str = "",
+    marks: Mapping[str, str] | None = None,
 ) -> str:
     """The message of the :class:`UnknownStrategyError` for ``name``.
 
@@ -75,12 +97,18 @@ def unknown_name_message(
                 else ""
             )
             message += f" (did you mean {_one_of(close)}?{origin})"
-    message += f"; known: {_quoted(known) or 'none'}."
+    message += f"; known: {_quoted(known, marks) or 'none'}."
     if not isinstance(name, str):
         return message
     if name in builtin:
         return message + (
             f" {name!r} is a built-in {label}: it comes with `pip install {package}`{note}."
+        )
+    more = PLUGIN_PACKAGES.get(kind)
+    if more is not None and not _installed(more):
+        return message + (
+            f" actsparse's other {label}s come with `pip install {more}`; a third party's "
+            "come with the plugin that registers them."
         )
     return message + (
         " No installed plugin provides it: install the plugin that registers it, or "

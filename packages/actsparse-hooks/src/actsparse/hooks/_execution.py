@@ -1,28 +1,59 @@
-"""Choosing the kernel that computes each squashed threshold-mode layer.
+"""How squashed threshold-mode layers are computed: kernel plans, kernel modes and ``auto``.
 
-``squash_mask(kernel=...)`` and ``set_kernel()`` name a registered kernel
-(``actsparse_kernels``) or ``"auto"``. A name forces that kernel on every
-threshold-mode layer, and a layer it cannot compute, or a machine that
-cannot run it, is an error before anything changes. ``"auto"`` gives each
-layer the registered kernel that supports it and measured the largest
-crossover (the most tokens up to which it beats the dense layer at the
-layer's expected sparsity); inputs of more tokens take the dense path. The
-choice is never saved: it belongs to the machine.
+Everything about choosing and running kernels lives here. ``squash_mask(kernel=...)``,
+``set_kernel()``, ``sparsify(kernel=...)`` and the command line's ``--kernel``
+name a registered kernel (``actsparse_kernels``) or ``"auto"``, checked by
+:func:`check_kernel_name`. A name forces that kernel on every threshold-mode
+layer, and a layer it cannot compute, or a machine that cannot run it, is an
+error before anything changes. ``"auto"`` gives each layer the registered
+*exact* kernel (``KernelStrategy.tolerance`` is None) that supports it and
+measured the largest crossover (the most tokens up to which it beats the
+dense layer at the layer's expected sparsity); inputs of more tokens take the
+dense path. A lossy kernel runs only when it is named. The choice is never
+saved: it belongs to the machine.
+
+``dense``, the runtime's own kernel, is registered by actsparse-hooks; the
+zero-skipping ones come with actsparse-kernels.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from actsparse.core import ConfigError, KernelStrategy, get_registry
-from actsparse.hooks._layer import Layer
-from actsparse.hooks._modes import MaskingMode
-from actsparse.hooks._threshold import KernelPlan, KernelThreshold, Threshold
+import attrs
+import torch
+from torch.nn import functional as F
 
-__all__ = ["AUTO", "DENSE", "KernelWarning", "kernel_modes"]
+from actsparse.core import (
+    ConfigError,
+    KernelStrategy,
+    MaskError,
+    UnknownStrategyError,
+    get_registry,
+)
+from actsparse.hooks._layer import Handle, Layer, MaskingMode
+from actsparse.hooks._threshold import (
+    ForwardHandle,
+    Threshold,
+    ValidPositions,
+    output_shift,
+    scored_zero,
+    shifted_forward,
+)
 
-#: Pick per call the fastest kernel that supports it.
+__all__ = [
+    "AUTO",
+    "DENSE",
+    "KernelPlan",
+    "KernelThreshold",
+    "KernelWarning",
+    "check_kernel_name",
+    "kernel_modes",
+]
+
+#: Pick per layer the fastest exact kernel that supports it.
 AUTO = "auto"
 #: The runtime's own path: zero with hardshrink in a pre-hook, then the layer.
 DENSE = "dense"
@@ -30,6 +61,130 @@ DENSE = "dense"
 
 class KernelWarning(UserWarning):
     """A kernel that would fit a layer cannot run on this machine; the dense path runs."""
+
+
+def check_kernel_name(kernel: object) -> str:
+    """``kernel`` if it is ``"auto"`` or a registered kernel's name.
+
+    Raises:
+        ConfigError: ``kernel`` is not a string.
+        UnknownStrategyError: No kernel has that name; the message lists the
+            known ones (lossy ones marked) and ``"auto"``, and names the
+            distribution of a built-in kernel that is not installed.
+    """
+    if not isinstance(kernel, str):
+        raise ConfigError(f"kernel must be a kernel name or 'auto', got {kernel!r}")
+    if kernel == AUTO:
+        return kernel
+    try:
+        get_registry().get("kernel", kernel)
+    except UnknownStrategyError as exc:
+        raise UnknownStrategyError(
+            f"{exc} {AUTO!r} picks the fastest exact kernel for each layer."
+        ) from None
+    return kernel
+
+
+@attrs.frozen
+class KernelPlan:
+    """Which kernel computes a squashed threshold-mode layer, and up to how many tokens.
+
+    ``limit`` None: always the kernel (a kernel forced by name); an int: the
+    kernel for inputs of at most that many tokens, the dense path above
+    (``kernel="auto"``, from the crossover the kernel measured).
+    """
+
+    kernel: KernelStrategy
+    limit: int | None = None
+
+
+class KernelThreshold(Threshold):
+    """The threshold applied by a registered kernel that computes the layer itself.
+
+    Once squashed, the layer's ``forward`` is replaced by the kernel's
+    function (``KernelStrategy.apply``), which zeroes ``|x| <= threshold`` and
+    skips the work of the zeros; with a ``limit``, inputs of more tokens take
+    the dense path (zero, then the layer's own forward) instead. Calibration,
+    ``step()``, thresholds and state are those of :class:`Threshold`.
+    """
+
+    def __init__(self, valid: ValidPositions, plan: KernelPlan) -> None:
+        super().__init__(valid)
+        self.plan = plan
+
+    @classmethod
+    def of(cls, mode: Threshold, plan: KernelPlan) -> KernelThreshold:
+        """``mode``'s threshold and statistics, applied by ``plan``'s kernel."""
+        return mode.moved_to(lambda valid: cls(valid, plan))
+
+    def dense(self) -> Threshold:
+        """The same threshold and statistics, applied by the dense pre-hook."""
+        return self.moved_to(Threshold)
+
+    def sparsify(self, layer: Layer) -> Handle:
+        result = self.threshold
+        if result is None:
+            raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
+        module = layer.module
+        threshold = result.threshold
+        apply = self.plan.kernel.apply
+        if apply is None:  # the runtime's own dense path
+            return super().sparsify(layer)
+        limit = self.plan.limit
+        shift = output_shift(layer, self.offset)
+        own = (
+            type(module).forward.__get__(module)
+            if shift is None
+            else shifted_forward(module, shift)
+        )
+        scored = scored_zero(layer, threshold)
+        zero: Callable[[torch.Tensor], torch.Tensor]
+        fast: Callable[[torch.Tensor], Any]
+        if scored is None:
+            fast = apply(module, threshold)
+
+            def plain_zero(x: torch.Tensor) -> torch.Tensor:
+                return F.hardshrink(x, threshold)
+
+            zero = plain_zero
+        else:
+            # a weight-aware score: its zeros are made first, and the kernel skips them
+            kernel_fast = apply(module, 0.0)
+            zero = scored
+
+            def scored_fast(x: torch.Tensor) -> Any:
+                return kernel_fast(scored(x))
+
+            fast = scored_fast
+        if shift is not None:
+            unshifted = fast
+
+            def shifted_fast(x: torch.Tensor) -> Any:
+                out = unshifted(x)
+                return out + shift.to(device=out.device, dtype=out.dtype)
+
+            fast = shifted_fast
+
+        if limit is None:
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                    layer.bad_input(args)
+                return fast(args[0])
+
+        else:
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                    layer.bad_input(args)
+                x = args[0]
+                # a shape test: under torch.compile it is a guard, not a graph break
+                if x.numel() <= limit * x.shape[-1]:
+                    return fast(x)
+                return own(zero(x))
+
+        module.__dict__["forward"] = forward
+        return ForwardHandle(module, forward)
 
 
 def _dense(mode: Threshold) -> Threshold:
@@ -72,8 +227,7 @@ def kernel_modes(layers: Mapping[str, Layer], kernel: object) -> dict[str, Maski
             machine, or it cannot compute one of the layers (named).
         UnknownStrategyError: No kernel has that name.
     """
-    if not isinstance(kernel, str):
-        raise ConfigError(f"kernel must be a kernel name or 'auto', got {kernel!r}")
+    kernel = check_kernel_name(kernel)
     targets = {
         name: _dense(layer.mode)
         for name, layer in layers.items()
@@ -84,7 +238,9 @@ def kernel_modes(layers: Mapping[str, Layer], kernel: object) -> dict[str, Maski
         kernels = [
             entry.record
             for entry in registry.entries("kernel")
-            if entry.record.apply is not None and entry.record.crossover is not None
+            if entry.record.apply is not None
+            and entry.record.crossover is not None
+            and entry.record.exact
         ]
         return {name: _auto(name, layers[name], mode, kernels) for name, mode in targets.items()}
     record: KernelStrategy = registry.get("kernel", kernel)

@@ -1,16 +1,32 @@
 """One registered layer: its configuration, resolved strategies, accumulator and hook.
 
-What the layer does with its data (a static mask, a threshold) is its
-masking mode's business (:mod:`actsparse.hooks._modes`); the layer gives the
-modes what they share: feature indices, the accumulator, the strategies and
-the errors they raise.
+What the layer does with its data is its masking mode's business: an object
+with the small interface :class:`MaskingMode` below. The runtime ships three
+implementations:
+
+* :class:`~actsparse.hooks._static.StaticMask`: ``step()`` computes a {0, 1}
+  mask, and the layer's input is multiplied by it (torch.ao's behaviour);
+* :class:`~actsparse.hooks._threshold.Threshold`: ``step()`` computes one
+  threshold, and the entries of each input whose score (``|x|``, or
+  ``|x| * scale`` with a weight-aware strategy) is at or below it are zeroed
+  before the layer runs; a compensating strategy also gives an offset whose
+  contribution is added to the layer's output;
+* :class:`~actsparse.hooks._execution.KernelThreshold`: the same threshold,
+  applied by a registered kernel that computes the layer itself and skips
+  the zeroed inputs.
+
+A mode keeps its own state (the mask, the threshold, the statistics to
+retarget from); nothing outside reads its private attributes. The layer gives
+the modes what they share: feature indices, the accumulator, the strategies
+and the errors they raise. The protocol lives here, beside the layer that
+uses it, so that no module imports one that imports it back.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -19,6 +35,9 @@ from torch import nn
 from actsparse.core import (
     AGGREGATE,
     CONFIG_KEYS,
+    FEATURE_DIM_KEY,
+    FEATURES_KEY,
+    SPARSE_CONFIG_KEY,
     SPARSIFY,
     STRATEGY_KEYS,
     ActsparseError,
@@ -26,6 +45,7 @@ from actsparse.core import (
     BoundAggregate,
     ConfigError,
     LayerState,
+    Mask,
     MaskError,
     MaskStrategy,
     ReduceStrategy,
@@ -37,8 +57,67 @@ from actsparse.core import (
     split_sparse_config,
 )
 
-if TYPE_CHECKING:
-    from actsparse.hooks._modes import MaskingMode
+__all__ = [
+    "FeatureSpec",
+    "Handle",
+    "Layer",
+    "MaskingMode",
+    "PreHook",
+    "changed_options",
+    "check_mask",
+    "no_graph",
+    "resolve_config",
+]
+
+#: A forward pre-hook: ``hook(module, args)`` returns new args or None.
+PreHook = Callable[[nn.Module, tuple[Any, ...]], Any]
+
+
+class Handle(Protocol):
+    """What attaching a hook returns: something that detaches it again."""
+
+    def remove(self) -> None: ...
+
+
+class MaskingMode(Protocol):
+    """The interface between a layer and the way it applies sparsity."""
+
+    #: ``"static"`` or ``"threshold"``: what ``step()`` produces.
+    kind: str
+
+    @property
+    def mask(self) -> Mask | None:
+        """The static mask (a tensor or a list per feature), or None."""
+
+    @property
+    def threshold(self) -> ThresholdResult | None:
+        """The threshold that ``step()`` computed, or None."""
+
+    @property
+    def offset(self) -> torch.Tensor | None:
+        """Per input feature, the mean of the values a compensating threshold zeroes
+        (its contribution is added back to the layer's output), or None."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``squash_mask()`` can apply the mode (``step()`` has run, or a state
+        was restored)."""
+
+    def aggregate_hook(self, layer: Layer) -> PreHook:
+        """The pre-hook that folds each input into ``layer.data`` while calibrating."""
+
+    def sparsify(self, layer: Layer) -> Handle:
+        """Attach what applies the sparsity to ``layer.module``; return its handle."""
+
+    def compute(self, layer: Layer, data: Any) -> Any:
+        """What ``step()`` will store, from ``data``; checked, and nothing is changed."""
+
+    def store(self, computed: Any) -> None:
+        """Keep what :meth:`compute` returned."""
+
+    def restore(self, layer: Layer, state: LayerState) -> None:
+        """Take a mask or threshold from a checked state record; raise
+        ``SerializationError`` if it does not fit the layer."""
 
 
 @attrs.frozen
@@ -133,14 +212,14 @@ def resolve_config(
             resolved.append(registry.resolve(kind, value, key=key))
         except (ConfigError, UnknownStrategyError) as exc:
             raise type(exc)(f"layer {layer!r}: {exc}") from None
-    sparse_config = config["sparse_config"]
+    sparse_config = config[SPARSE_CONFIG_KEY]
     if not isinstance(sparse_config, Mapping):
         raise ConfigError(
             f"layer {layer!r}: sparse_config must be a mapping, got {sparse_config!r}"
         )
     mask_strategy: MaskStrategy = resolved[2]
     split_sparse_config(resolved[0], mask_strategy, sparse_config, layer=layer)
-    spec = parse_features(layer, config["features"], config["feature_dim"])
+    spec = parse_features(layer, config[FEATURES_KEY], config[FEATURE_DIM_KEY])
     return resolved[0], resolved[1], mask_strategy, spec
 
 
@@ -179,7 +258,7 @@ class Layer:
     It owns the module, the resolved configuration and features, the
     accumulator and the attached hook. How the layer turns data into
     sparsity, and how it applies it, belongs to its :attr:`mode`, a
-    :class:`~actsparse.hooks._modes.MaskingMode`: a static mask or a threshold.
+    :class:`MaskingMode`: a static mask or a threshold.
     """
 
     name: str
@@ -211,7 +290,7 @@ class Layer:
 
     def __attrs_post_init__(self) -> None:
         self.aggregate_options, self.mask_options = split_sparse_config(
-            self.aggregate, self.mask_strategy, self.config["sparse_config"], layer=self.name
+            self.aggregate, self.mask_strategy, self.config[SPARSE_CONFIG_KEY], layer=self.name
         )
         self.bound = self.aggregate.bind(self.aggregate_options)
         # Built here, once: a layer that cannot be built fails before it replaces another.
@@ -260,7 +339,7 @@ class Layer:
 
     def set_option(self, key: str, value: Any) -> None:
         """Set one ``sparse_config`` key that the mask strategy receives."""
-        self.config["sparse_config"][key] = value
+        self.config[SPARSE_CONFIG_KEY][key] = value
         self.mask_options = {**self.mask_options, key: value}
 
     def feature_axis(self, ndim: int) -> int:

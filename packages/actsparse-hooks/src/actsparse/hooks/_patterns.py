@@ -11,7 +11,6 @@ two rules is an error that names both rules and the layer.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,10 +20,7 @@ from torch import nn
 
 from actsparse.core import ConfigError
 
-__all__ = ["LayerRule", "match_rules", "merge_config", "to_rules"]
-
-#: The keyword arguments of ``register_layer`` that are not ``sparse_config`` keys.
-LAYER_KEYS = ("aggregate_fn", "reduce_fn", "mask_fn", "features", "feature_dim")
+__all__ = ["LayerRule", "match_rules", "to_rules"]
 
 
 def _to_pattern(value: object) -> re.Pattern[str] | None:
@@ -172,19 +168,3 @@ def match_rules(
                 "missing_ok=True"
             )
     return [(name, module, rule) for name, (module, rule) in chosen.items()]
-
-
-def merge_config(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A layer's configuration: ``defaults`` overridden as ``register_layer`` does.
-
-    The ``LAYER_KEYS`` in ``overrides`` that are not None replace the defaults;
-    every other key updates ``sparse_config``.
-    """
-    config = copy.deepcopy(dict(defaults))
-    for key, value in overrides.items():
-        if key in LAYER_KEYS:
-            if value is not None:
-                config[key] = copy.deepcopy(value)
-        else:
-            config["sparse_config"][key] = copy.deepcopy(value)
-    return config

@@ -13,11 +13,19 @@ from torch import nn
 
 from actsparse.core import (
     AGGREGATE,
+    AGGREGATE_FN_KEY,
     CONFIG_KEYS,
     DATA_KEY,
     DETACHED,
+    FEATURE_DIM_KEY,
+    FEATURES_KEY,
+    HOOK_KEY,
     HOOK_STATE_KEY,
+    LAYER_KEY,
+    MASK_FN_KEY,
     MASK_KEY,
+    REDUCE_FN_KEY,
+    SPARSE_CONFIG_KEY,
     SPARSIFY,
     THRESHOLD_KEY,
     ActsparseError,
@@ -32,15 +40,16 @@ from actsparse.core import (
     UnknownStrategyError,
     find_module,
     get_registry,
+    make_config,
+    merge_config,
     module_to_fqn,
     parse_state_dict,
 )
 from actsparse.hooks._distributed import combine_accumulators, resolve_group, uncombinable
 from actsparse.hooks._execution import DENSE, kernel_modes
 from actsparse.hooks._fold import fold_layers
-from actsparse.hooks._layer import Layer, changed_options, resolve_config
-from actsparse.hooks._modes import MaskingMode
-from actsparse.hooks._patterns import match_rules, merge_config, to_rules
+from actsparse.hooks._layer import Layer, MaskingMode, changed_options, resolve_config
+from actsparse.hooks._patterns import match_rules, to_rules
 from actsparse.hooks._static import StaticMask
 from actsparse.hooks._threshold import (
     Computed,
@@ -125,9 +134,9 @@ class _DataGroup(Mapping[str, Any]):
         self._layer = layer
 
     def _keys(self) -> list[str]:
-        keys = [*CONFIG_KEYS, "layer"]
+        keys = [*CONFIG_KEYS, LAYER_KEY]
         if self._layer.handle is not None:
-            keys.append("hook")
+            keys.append(HOOK_KEY)
         keys.append(HOOK_STATE_KEY)
         if self._layer.data is not None:
             keys.append(DATA_KEY)
@@ -135,13 +144,13 @@ class _DataGroup(Mapping[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         layer = self._layer
-        if key == "sparse_config":
+        if key == SPARSE_CONFIG_KEY:
             return _SparseConfig(copy.deepcopy(layer.config[key]), layer.name)
         if key in CONFIG_KEYS:
             return copy.deepcopy(layer.config[key])
-        if key == "layer":
+        if key == LAYER_KEY:
             return layer.module
-        if key == "hook" and layer.handle is not None:
+        if key == HOOK_KEY and layer.handle is not None:
             return layer.handle
         if key == HOOK_STATE_KEY:
             return layer.hook_state
@@ -156,7 +165,7 @@ class _DataGroup(Mapping[str, Any]):
         return len(self._keys())
 
     def __repr__(self) -> str:
-        shown = {k: v for k, v in self.items() if k not in ("data", "hook", "layer")}
+        shown = {k: v for k, v in self.items() if k not in (DATA_KEY, HOOK_KEY, LAYER_KEY)}
         return f"DataGroup({self._layer.name!r}, {shown!r})"
 
 
@@ -209,14 +218,9 @@ class ActivationSparsifier:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self._defaults: dict[str, Any] = {
-            "aggregate_fn": aggregate_fn,
-            "reduce_fn": reduce_fn,
-            "mask_fn": mask_fn,
-            "features": features,
-            "feature_dim": feature_dim,
-            "sparse_config": sparse_config,
-        }
+        self._defaults = make_config(
+            aggregate_fn, reduce_fn, mask_fn, features, feature_dim, sparse_config
+        )
         self._layers: dict[str, Layer] = {}
         self._folded: list[str] = []
         self._valid = ValidPositions()
@@ -356,17 +360,15 @@ class ActivationSparsifier:
             raise LayerNotFoundError(
                 f"layer {type(layer).__name__} is not a submodule of the model"
             )
-        config = copy.deepcopy(self._defaults)
         overrides = {
-            "aggregate_fn": aggregate_fn,
-            "reduce_fn": reduce_fn,
-            "mask_fn": mask_fn,
-            "features": features,
-            "feature_dim": feature_dim,
+            AGGREGATE_FN_KEY: aggregate_fn,
+            REDUCE_FN_KEY: reduce_fn,
+            MASK_FN_KEY: mask_fn,
+            FEATURES_KEY: features,
+            FEATURE_DIM_KEY: feature_dim,
+            **sparse_config,
         }
-        config.update((key, value) for key, value in overrides.items() if value is not None)
-        config["sparse_config"].update(copy.deepcopy(sparse_config))
-        new = self._build_layer(name, layer, config)
+        new = self._build_layer(name, layer, merge_config(self._defaults, overrides))
         if name in self._layers:
             _warn_replaced([self._layers[name]])
             self._layers.pop(name).detach()
@@ -499,8 +501,8 @@ class ActivationSparsifier:
             )
         config = {
             **layer.config,
-            "sparse_config": {
-                **copy.deepcopy(layer.config["sparse_config"]),
+            SPARSE_CONFIG_KEY: {
+                **copy.deepcopy(layer.config[SPARSE_CONFIG_KEY]),
                 **copy.deepcopy(sparse_config),
             },
         }

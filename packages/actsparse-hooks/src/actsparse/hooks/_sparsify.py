@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from actsparse.core import ActsparseError, ConfigError, get_registry
+from actsparse.core import LAYER_KEY, ActsparseError, ConfigError, MaskStrategy, get_registry
 from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import calibrate, run_batch
-from actsparse.hooks._execution import AUTO, DENSE
+from actsparse.hooks._execution import DENSE, check_kernel_name
 from actsparse.hooks._presets import AUTO_PRESET, resolve_layers
 from actsparse.hooks._sparsifier import ActivationSparsifier
 
@@ -58,15 +58,7 @@ def _check_target(target: object) -> float:
     return float(target)
 
 
-def _check_kernel(kernel: object) -> str:
-    if not isinstance(kernel, str):
-        raise ConfigError(f"kernel must be a kernel name or 'auto', got {kernel!r}")
-    if kernel != AUTO:
-        get_registry().get("kernel", kernel)  # UnknownStrategyError, naming the known ones
-    return kernel
-
-
-def _check_mask_fn(mask_fn: object) -> str:
+def _check_mask_fn(mask_fn: object) -> MaskStrategy:
     if not isinstance(mask_fn, str):
         raise ConfigError(f"mask_fn must be the name of a dynamic mask strategy, got {mask_fn!r}")
     record = get_registry().get("mask", mask_fn)  # UnknownStrategyError, naming the known ones
@@ -76,7 +68,7 @@ def _check_mask_fn(mask_fn: object) -> str:
             f"mask_fn {mask_fn!r} is not a threshold strategy that can be retargeted "
             f"(dynamic, with a target_key); threshold strategies: {', '.join(map(repr, dynamic))}"
         )
-    return mask_fn
+    return record
 
 
 def _examples(batch: Any, count: int) -> tuple[Any, int]:
@@ -219,7 +211,7 @@ def _widths(sparsifier: ActivationSparsifier, names: Iterable[str]) -> dict[str,
     same tokens in the presets)."""
     out = {}
     for name in names:
-        module = sparsifier.data_groups[name]["layer"]
+        module = sparsifier.data_groups[name][LAYER_KEY]
         width = getattr(module, "in_features", None)
         if not isinstance(width, int):
             weight = getattr(module, "weight", None)
@@ -297,8 +289,8 @@ def sparsify(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     level = _check_target(target)
-    kernel = _check_kernel(kernel)
-    mask_fn = _check_mask_fn(mask_fn)
+    kernel = check_kernel_name(kernel)
+    mask = _check_mask_fn(mask_fn)
     if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
         raise ConfigError(
             f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}"
@@ -326,8 +318,9 @@ def sparsify(
         model,
         aggregate_fn="abs_histogram",
         reduce_fn="identity",
-        mask_fn=mask_fn,
-        sparsity_level=level,
+        mask_fn=mask.name,
+        # the level goes to the key the strategy declares for its target
+        **{str(mask.target_key): level},
         **({"feature_sums": True} if compensate else {}),
     )
     names = sparsifier.register_layers(rules)

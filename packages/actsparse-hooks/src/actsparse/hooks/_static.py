@@ -22,8 +22,7 @@ from actsparse.core import (
     SerializationError,
     ThresholdResult,
 )
-from actsparse.hooks._layer import Layer, check_mask, no_graph
-from actsparse.hooks._modes import Handle, PreHook
+from actsparse.hooks._layer import Handle, Layer, PreHook, check_mask, no_graph
 
 __all__ = ["StaticMask"]
 

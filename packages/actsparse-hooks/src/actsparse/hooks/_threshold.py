@@ -28,7 +28,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import torch
@@ -38,7 +38,6 @@ from torch.nn import functional as F
 from actsparse.core import (
     SPARSIFY,
     ConfigError,
-    KernelStrategy,
     LayerNotFoundError,
     LayerState,
     Mask,
@@ -48,18 +47,20 @@ from actsparse.core import (
     ThresholdResult,
     check_offset,
 )
-from actsparse.hooks._layer import Layer, no_graph
-from actsparse.hooks._modes import Handle, PreHook
+from actsparse.hooks._layer import Handle, Layer, PreHook, no_graph
 
 __all__ = [
-    "KernelPlan",
-    "KernelThreshold",
+    "ForwardHandle",
     "SparsityTargetWarning",
     "Threshold",
     "ValidPositions",
     "retarget",
     "warn_unreachable",
 ]
+
+
+#: A masking mode that applies a threshold (:meth:`Threshold.moved_to`).
+T = TypeVar("T", bound="Threshold")
 
 
 class SparsityTargetWarning(UserWarning):
@@ -240,6 +241,19 @@ def shifted_forward(module: nn.Module, shift: torch.Tensor) -> Callable[..., Any
     return shifted
 
 
+class ForwardHandle:
+    """Restores a module's own ``forward`` when what replaced it is detached."""
+
+    def __init__(self, module: nn.Module, forward: Any) -> None:
+        self._module = module
+        self._forward = forward
+
+    def remove(self) -> None:
+        module = self._module
+        if module.__dict__.get("forward") is self._forward:
+            del module.__dict__["forward"]
+
+
 class Threshold:
     """One threshold per layer, computed by ``step()``; the entries whose score is at or
     below it are zeroed, and a compensating strategy's offset is added to the output."""
@@ -268,6 +282,13 @@ class Threshold:
     @property
     def ready(self) -> bool:
         return self._result is not None
+
+    def moved_to(self, factory: Callable[[ValidPositions], T]) -> T:
+        """A new mode from ``factory(valid positions)`` holding this mode's threshold, offset
+        and statistics: the same calibration, applied another way."""
+        new = factory(self._valid)
+        new._result, new._offset, new._reduced = self._result, self._offset, self._reduced
+        return new
 
     @property
     def retargetable(self) -> bool:
@@ -327,7 +348,7 @@ class Threshold:
             # the shift joins the bias: the same one F.linear call as before
             forward = shifted_forward(module, shift)
             module.__dict__["forward"] = forward
-            return _Handles(handle, _ForwardHandle(module, forward))
+            return _Handles(handle, ForwardHandle(module, forward))
         return _Handles(handle, module.register_forward_hook(_shifted(layer, shift)))
 
     @staticmethod
@@ -449,125 +470,6 @@ class Threshold:
         self._result = state.threshold
         self._offset = None if state.offset is None else state.offset.float()
         self._reduced = None
-
-
-@attrs.frozen
-class KernelPlan:
-    """Which kernel computes a squashed threshold-mode layer, and up to how many tokens.
-
-    ``limit`` None: always the kernel (a kernel forced by name); an int: the
-    kernel for inputs of at most that many tokens, the dense path above
-    (``kernel="auto"``, from the crossover the kernel measured).
-    """
-
-    kernel: KernelStrategy
-    limit: int | None = None
-
-
-class _ForwardHandle:
-    """Restores a module's own ``forward`` when the kernel is detached."""
-
-    def __init__(self, module: nn.Module, forward: Any) -> None:
-        self._module = module
-        self._forward = forward
-
-    def remove(self) -> None:
-        module = self._module
-        if module.__dict__.get("forward") is self._forward:
-            del module.__dict__["forward"]
-
-
-class KernelThreshold(Threshold):
-    """The threshold applied by a registered kernel that computes the layer itself.
-
-    Once squashed, the layer's ``forward`` is replaced by the kernel's
-    function (``KernelStrategy.apply``), which zeroes ``|x| <= threshold`` and
-    skips the work of the zeros; with a ``limit``, inputs of more tokens take
-    the dense path (zero, then the layer's own forward) instead. Calibration,
-    ``step()``, thresholds and state are those of :class:`Threshold`.
-    """
-
-    def __init__(self, valid: ValidPositions, plan: KernelPlan) -> None:
-        super().__init__(valid)
-        self.plan = plan
-
-    @classmethod
-    def of(cls, mode: Threshold, plan: KernelPlan) -> KernelThreshold:
-        """``mode``'s threshold and statistics, applied by ``plan``'s kernel."""
-        new = cls(mode._valid, plan)
-        new._result, new._offset, new._reduced = mode._result, mode._offset, mode._reduced
-        return new
-
-    def dense(self) -> Threshold:
-        """The same threshold and statistics, applied by the dense pre-hook."""
-        new = Threshold(self._valid)
-        new._result, new._offset, new._reduced = self._result, self._offset, self._reduced
-        return new
-
-    def sparsify(self, layer: Layer) -> Handle:
-        result = self._result
-        if result is None:
-            raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
-        module = layer.module
-        threshold = result.threshold
-        apply = self.plan.kernel.apply
-        if apply is None:  # the runtime's own dense path
-            return super().sparsify(layer)
-        limit = self.plan.limit
-        shift = output_shift(layer, self._offset)
-        own = (
-            type(module).forward.__get__(module)
-            if shift is None
-            else shifted_forward(module, shift)
-        )
-        scored = scored_zero(layer, threshold)
-        zero: Callable[[torch.Tensor], torch.Tensor]
-        fast: Callable[[torch.Tensor], Any]
-        if scored is None:
-            fast = apply(module, threshold)
-
-            def plain_zero(x: torch.Tensor) -> torch.Tensor:
-                return F.hardshrink(x, threshold)
-
-            zero = plain_zero
-        else:
-            # a weight-aware score: its zeros are made first, and the kernel skips them
-            kernel_fast = apply(module, 0.0)
-            zero = scored
-
-            def scored_fast(x: torch.Tensor) -> Any:
-                return kernel_fast(scored(x))
-
-            fast = scored_fast
-        if shift is not None:
-            unshifted = fast
-
-            def shifted_fast(x: torch.Tensor) -> Any:
-                out = unshifted(x)
-                return out + shift.to(device=out.device, dtype=out.dtype)
-
-            fast = shifted_fast
-
-        if limit is None:
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-                    layer.bad_input(args)
-                return fast(args[0])
-
-        else:
-
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-                    layer.bad_input(args)
-                x = args[0]
-                # a shape test: under torch.compile it is a guard, not a graph break
-                if x.numel() <= limit * x.shape[-1]:
-                    return fast(x)
-                return own(zero(x))
-
-        module.__dict__["forward"] = forward
-        return _ForwardHandle(module, forward)
 
 
 def retarget(layers: Mapping[str, Layer], levels: Mapping[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Whether the Triton kernel can run in this process, and why not.
 
-Two things are needed: the ``triton`` package (the ``actsparse-hooks[triton]``
+Two things are needed: the ``triton`` package (the ``actsparse-kernels[triton]``
 extra, never a dependency of actsparse itself) and a CUDA device that torch
 sees. Nothing here imports triton until asked, and nothing is cached, so the
 answer follows the process (a test that hides triton sees it missing).
@@ -15,13 +15,13 @@ from types import ModuleType
 
 import torch
 
-from actsparse.hooks._kernels import KernelStatus
+from actsparse.kernels._common.status import KernelStatus
 
 __all__ = ["INSTALL_HINT", "TRITON_DTYPES", "interpreter_requested", "round_threshold", "status"]
 
 #: the dtypes the Triton kernel computes; other dtypes take the dense reference
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
-INSTALL_HINT = "pip install 'actsparse-hooks[triton]'"
+INSTALL_HINT = "pip install 'actsparse-kernels[triton]'"
 
 _TRUE = frozenset(("1", "true", "on", "yes"))
 

@@ -404,7 +404,7 @@ int64_t parallel_width() {
 
 }  // namespace
 
-TORCH_LIBRARY(actsparse_kernels, m) {
+TORCH_LIBRARY_FRAGMENT(actsparse_kernels, m) {
   m.def(
       "sparse_linear_cpu(Tensor x, Tensor weight_t, Tensor? bias, float threshold, "
       "int schedule=0) -> Tensor");

@@ -1,27 +1,13 @@
-"""The Triton kernel against its dense reference, on CUDA or in Triton's interpreter.
+"""The ``triton_sparse`` kernel's own op, on CUDA or in Triton's interpreter: what the
+contract suite (tests/kernels/test_contract.py) does not cover.
 
 ``nox -s triton`` runs these on CPU tensors under ``TRITON_INTERPRET=1``
 (small shapes: the interpreter runs every program in Python); with a GPU,
-``pytest tests/triton_kernel`` runs them on CUDA. The interpreter supports
-bfloat16, so both dtypes run in both places.
-
-The reference is ``F.linear(F.hardshrink(x, t), weight_t.T, bias)``, computed
-on the CPU in the same dtype. The kernel adds the products in float32 in
-another order and rounds once to the dtype, so results are compared within a
-bound on the rounding of both. For output j let ``S_j = |b_j| + sum_i |xs_i
-* w_ij|`` (float64, over finite terms; ``xs`` the input after hardshrink),
-``n = in_features`` and ``u`` the unit roundoff of the dtype (``2**-11`` for
-float16, ``2**-8`` for bfloat16). The products of two float16 or bfloat16
-numbers are exact in float32; any order of their float32 sum lies within
-``(n + 2) * 2**-24 * S_j`` of the exact value; each side rounds to the dtype
-once, and the reference may round once more before adding the bias:
-
-    |y - ref| <= (4 * u + 2 * (n + 2) * 2**-24) * S_j + 2**-23
-
-(``4 * u``: three roundings of at most ``u`` relative each, with room to
-spare; ``2**-23`` covers float16's subnormal spacing, ``2**-24``, for the
-three roundings). NaN and infinite outputs must match exactly: same
-positions, same signs.
+``pytest tests/kernels`` runs them on CUDA. Its plans (blocks and slices of
+the inputs) on shapes up to 200 wide, its rounding of the threshold and of
+bfloat16 outputs, and the crossover on a GPU. Results are compared with the
+bound of ``_kernel_cases``, the reference computed on the CPU in the same
+dtype.
 """
 
 from __future__ import annotations
@@ -35,6 +21,13 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from _kernel_cases import (
+    add_specials,
+    assert_close_to_reference,
+    error_bound,
+    make_x,
+    threshold_for,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -47,8 +40,8 @@ from actsparse.core import (
     unregister_plugin,
 )
 from actsparse.hooks import ActivationSparsifier
-from actsparse.hooks._kernels import is_input_major, sparse_linear_reference
-from actsparse.hooks._triton import (
+from actsparse.kernels import is_input_major, sparse_linear_reference
+from actsparse.kernels.triton_sparse import (
     KERNEL_NAME,
     clear_cuda_crossover_cache,
     measure_cuda_crossover,
@@ -60,12 +53,11 @@ triton = pytest.importorskip("triton", reason="triton is not installed (the trit
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 DTYPES = (torch.float16, torch.bfloat16)
-UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 @pytest.fixture(scope="module")
 def kernels(device: torch.device) -> types.ModuleType:
-    from actsparse.hooks._triton import _kernel
+    from actsparse.kernels.triton_sparse import _kernel
 
     return _kernel
 
@@ -77,19 +69,6 @@ def reference(
     return sparse_linear_reference(x.cpu(), weight_t.cpu(), cpu, threshold)
 
 
-def tolerance(
-    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
-) -> torch.Tensor:
-    """The bound of the module docstring, per output."""
-    shrunk = F.hardshrink(x.cpu(), threshold).double()
-    shrunk = torch.where(shrunk.isfinite(), shrunk, 0.0)
-    scale = shrunk.abs() @ weight_t.cpu().double().abs()
-    if bias is not None:
-        scale = scale + bias.cpu().double().abs()
-    n = weight_t.shape[0]
-    return (4 * UNIT_ROUNDOFF[x.dtype] + 2 * (n + 2) * 2.0**-24) * scale + 2.0**-23
-
-
 def assert_matches(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -98,51 +77,11 @@ def assert_matches(
     threshold: float,
 ) -> None:
     assert y.device == x.device
-    y = y.cpu()
     ref = reference(x, weight_t, bias, threshold)
-    assert y.shape == ref.shape
-    assert y.dtype == ref.dtype
-    assert torch.equal(y.isnan(), ref.isnan()), "NaN positions differ"
-    assert torch.equal(y.isinf(), ref.isinf()), "inf positions differ"
-    assert torch.equal(y[y.isinf()], ref[ref.isinf()]), "inf signs differ"
-    finite = ref.isfinite()
-    error = (y.double() - ref.double()).abs()[finite]
-    bound = tolerance(x, weight_t, bias, threshold)[finite]
-    assert bool((error <= bound).all()), f"max excess {float((error - bound).max())}"
+    assert_close_to_reference(y, ref, error_bound(x, weight_t, bias, threshold))
 
 
 # ------------------------------------------------------------------ cases
-
-
-def make_x(
-    generator: torch.Generator,
-    lead: tuple[int, ...],
-    features: int,
-    dtype: torch.dtype,
-    layout: str,
-) -> torch.Tensor:
-    """An input of shape (*lead, features): contiguous, a transposed view or a strided slice."""
-    if layout == "transposed":
-        base = torch.randn(*lead[:-1], features, lead[-1], generator=generator).to(dtype)
-        return base.transpose(-1, -2)
-    if layout == "sliced":
-        return torch.randn(*lead, 2 * features, generator=generator).to(dtype)[..., ::2]
-    return torch.randn(*lead, features, generator=generator).to(dtype)
-
-
-def threshold_for(x: torch.Tensor, sparsity: float) -> float:
-    """A threshold that zeroes about ``sparsity`` of x's entries (0 keeps every entry)."""
-    if sparsity == 0.0:
-        return 0.0
-    return float(torch.quantile(x.detach().abs().double().flatten(), sparsity))
-
-
-def add_specials(x: torch.Tensor, generator: torch.Generator, values: tuple[float, ...]) -> None:
-    """Set two entries of x (in place, keeping its strides) to each of ``values``."""
-    for value in values:
-        for _ in range(2):
-            index = tuple(int(torch.randint(size, (1,), generator=generator)) for size in x.shape)
-            x[index] = value
 
 
 @st.composite

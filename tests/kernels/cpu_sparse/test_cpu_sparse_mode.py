@@ -9,7 +9,8 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from actsparse.hooks import ActivationSparsifier, cpu_kernel_status
+from actsparse.hooks import ActivationSparsifier
+from actsparse.kernels import cpu_kernel_status
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernel_status().available, reason="the C++ kernel could not be built here"

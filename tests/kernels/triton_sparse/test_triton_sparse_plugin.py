@@ -30,9 +30,9 @@ from actsparse.core import (
     register_plugin,
     unregister_plugin,
 )
-from actsparse.hooks import ActivationSparsifier, KernelUnavailableError, KernelWarning
-from actsparse.hooks._kernels import KernelStatus, sparse_linear_reference
-from actsparse.hooks._triton import (
+from actsparse.hooks import ActivationSparsifier, KernelWarning
+from actsparse.kernels import KernelStatus, KernelUnavailableError, sparse_linear_reference
+from actsparse.kernels.triton_sparse import (
     KERNEL_NAME,
     OP_NAME,
     _crossover,
@@ -40,13 +40,12 @@ from actsparse.hooks._triton import (
     _status,
     clear_cuda_crossover_cache,
     interpreted_kernels,
-    last_winning_count,
     measure_cuda_crossover,
     triton_kernel_status,
     triton_sparse_linear,
 )
 
-NOT_INSTALLED = "triton is not installed (pip install 'actsparse-hooks[triton]')"
+NOT_INSTALLED = "triton is not installed (pip install 'actsparse-kernels[triton]')"
 NO_CUDA = "no CUDA device"
 
 
@@ -54,7 +53,7 @@ NO_CUDA = "no CUDA device"
 def no_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     """triton cannot be imported, as on a machine without the extra."""
     monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.delitem(sys.modules, "actsparse.hooks._triton._kernel", raising=False)
+    monkeypatch.delitem(sys.modules, "actsparse.kernels.triton_sparse._kernel", raising=False)
 
 
 @pytest.fixture
@@ -85,15 +84,15 @@ def _record() -> KernelStrategy:
     return record
 
 
-def test_the_kernel_is_registered_by_actsparse_hooks() -> None:
+def test_the_kernel_is_registered_by_actsparse_kernels() -> None:
     entry = next(e for e in get_registry().entries("kernel") if e.record.name == KERNEL_NAME)
-    assert entry.plugin == "actsparse.hooks"
+    assert entry.plugin == "actsparse.kernels"
     record = entry.record
     assert record.apply is not None
     assert record.available is not None
     assert record.crossover is not None
     assert "CUDA" in record.description
-    assert "actsparse-hooks[triton]" in record.description
+    assert "actsparse-kernels[triton]" in record.description
 
 
 def test_supports_only_half_precision_cuda_linears() -> None:
@@ -273,22 +272,6 @@ def test_the_op_traces_as_one_node() -> None:
 def test_crossover_is_zero_where_the_kernel_cannot_run(triton_without_gpu: None) -> None:
     assert measure_cuda_crossover(64, 32, torch.float16, 0.5) == 0
     assert _record().crossover is not None
-
-
-def test_crossover_search_stops_at_the_first_loss() -> None:
-    seen: list[int] = []
-
-    def wins_up_to(limit: int) -> Any:
-        def wins(tokens: int) -> bool:
-            seen.append(tokens)
-            return tokens <= limit
-
-        return wins
-
-    assert last_winning_count(wins_up_to(4), 64) == 4
-    assert seen == [1, 2, 4, 8]
-    assert last_winning_count(wins_up_to(0), 64) == 0
-    assert last_winning_count(wins_up_to(1000), 48) == 32
 
 
 def test_crossovers_are_cached_per_configuration(monkeypatch: pytest.MonkeyPatch) -> None:

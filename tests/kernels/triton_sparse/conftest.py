@@ -16,7 +16,7 @@ import torch
 def device() -> torch.device:
     """The device the kernel runs on here: cpu (interpreted) or cuda."""
     pytest.importorskip("triton", reason="triton is not installed (the triton extra)")
-    from actsparse.hooks._triton import interpreted_kernels
+    from actsparse.kernels.triton_sparse import interpreted_kernels
 
     if interpreted_kernels() is not None:
         return torch.device("cpu")

@@ -42,7 +42,7 @@ import triton  # type: ignore[import-not-found,unused-ignore]
 import triton.language as tl  # type: ignore[import-not-found,unused-ignore]
 from torch import Tensor
 
-from actsparse.hooks._triton._status import round_threshold
+from actsparse.kernels.triton_sparse._status import round_threshold
 
 __all__ = ["INTERPRETED", "Plan", "plan", "run"]
 

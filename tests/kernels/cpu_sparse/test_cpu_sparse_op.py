@@ -1,22 +1,13 @@
-"""The zero-skipping CPU kernel: ``actsparse::sparse_linear`` against its dense reference.
+"""The ``cpu_sparse`` kernel's own op, ``actsparse::sparse_linear``: what the contract suite
+(tests/kernels/test_contract.py) does not cover.
 
-The reference is ``F.linear(F.hardshrink(x, t), weight_t.T, bias)``. The op
-adds the same products in another order, so results are compared within a
-tolerance that bounds the rounding of both. For output j let
-``S_j = |b_j| + sum_i |xs_i * w_ij|`` (float64, over finite terms; ``xs`` the
-input after hardshrink) and ``n = in_features``. Any order of the fp32 sum
-lies within ``(n + 2) * u * S_j`` of the exact value, ``u = 2**-24``, so:
-
-* float32: ``|y - ref| <= 2 * (n + 2) * 2**-24 * S_j``
-* bfloat16: ``|y - ref| <= 2**-6 * S_j``: both sides round an fp32 sum to
-  bfloat16 (``u = 2**-8`` each) and the reference may round once more
-  before adding the bias, ``3 * 2**-8 < 2**-6``.
-
-NaN and infinite outputs must match exactly: same positions, same signs.
-
-The kernel is compiled once per test session (the first test that needs it
-waits for the build; later sessions load it from the cache). The fallback
-without a kernel runs in subprocesses, with the build disabled.
+Its two schedules, its thread chunks and blocking on shapes up to 300 wide,
+the dtypes it hands to the dense path, the input-major layout, the measured
+crossover and the C++ build with its fallbacks. Results are compared with
+the bound of ``_kernel_cases``. The kernel is compiled once per test session
+(the first test that needs it waits for the build; later sessions load it
+from the cache). The fallback without a kernel runs in subprocesses, with the
+build disabled.
 """
 
 from __future__ import annotations
@@ -33,16 +24,21 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-import torch.nn.functional as F
+from _kernel_cases import (
+    add_specials,
+    assert_close_to_reference,
+    error_bound,
+    make_x,
+    threshold_for,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import actsparse.kernels.cpu_sparse as cpu_sparse
 from actsparse.core import ConfigError
-from actsparse.hooks._kernels import (
+from actsparse.kernels import (
     DISABLE_ENV_VAR,
-    _build,
-    _crossover,
     clear_crossover_cache,
     cpu_kernel_status,
     is_input_major,
@@ -52,6 +48,8 @@ from actsparse.hooks._kernels import (
     to_input_major,
     to_output_major,
 )
+from actsparse.kernels._common import build as _build
+from actsparse.kernels._common.status import KernelStatus
 
 DTYPES = (torch.float32, torch.bfloat16)
 #: the compiled operator's schedules: 1 streams the weight rows, 2 uses register tiles
@@ -79,20 +77,6 @@ def compiled(
     return y
 
 
-def tolerance(
-    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
-) -> torch.Tensor:
-    """The bound of the module docstring, per output."""
-    shrunk = F.hardshrink(x, threshold).double()
-    shrunk = torch.where(shrunk.isfinite(), shrunk, 0.0)
-    scale = shrunk.abs() @ weight_t.double().abs()
-    if bias is not None:
-        scale = scale + bias.double().abs()
-    if x.dtype == torch.bfloat16:
-        return 2.0**-6 * scale
-    return 2 * (weight_t.shape[0] + 2) * 2.0**-24 * scale + 1e-30
-
-
 def assert_matches(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -101,50 +85,10 @@ def assert_matches(
     threshold: float,
 ) -> None:
     ref = sparse_linear_reference(x, weight_t, bias, threshold)
-    assert y.shape == ref.shape
-    assert y.dtype == ref.dtype
-    assert torch.equal(y.isnan(), ref.isnan()), "NaN positions differ"
-    assert torch.equal(y.isinf(), ref.isinf()), "inf positions differ"
-    assert torch.equal(y[y.isinf()], ref[ref.isinf()]), "inf signs differ"
-    finite = ref.isfinite()
-    error = (y.double() - ref.double()).abs()[finite]
-    bound = tolerance(x, weight_t, bias, threshold)[finite]
-    assert bool((error <= bound).all()), f"max excess {float((error - bound).max())}"
+    assert_close_to_reference(y, ref, error_bound(x, weight_t, bias, threshold))
 
 
 # ------------------------------------------------------------------ cases
-
-
-def make_x(
-    generator: torch.Generator,
-    lead: tuple[int, ...],
-    features: int,
-    dtype: torch.dtype,
-    layout: str,
-) -> torch.Tensor:
-    """An input of shape (*lead, features): contiguous, a transposed view or a strided slice."""
-    if layout == "transposed":
-        base = torch.randn(*lead[:-1], features, lead[-1], generator=generator).to(dtype)
-        return base.transpose(-1, -2)
-    if layout == "sliced":
-        return torch.randn(*lead, 2 * features, generator=generator).to(dtype)[..., ::2]
-    return torch.randn(*lead, features, generator=generator).to(dtype)
-
-
-def threshold_for(x: torch.Tensor, sparsity: float) -> float:
-    """A threshold that zeroes about ``sparsity`` of x's entries (0 keeps every entry)."""
-    if sparsity == 0.0:
-        return 0.0
-    magnitudes = x.detach().abs().double().flatten()
-    return float(torch.quantile(magnitudes, sparsity))
-
-
-def add_specials(x: torch.Tensor, generator: torch.Generator, values: tuple[float, ...]) -> None:
-    """Set two entries of x (in place, keeping its strides) to each of ``values``."""
-    for value in values:
-        for _ in range(2):
-            index = tuple(int(torch.randint(size, (1,), generator=generator)) for size in x.shape)
-            x[index] = value
 
 
 @st.composite
@@ -405,14 +349,14 @@ def test_crossover_is_the_last_token_count_the_sparse_op_wins(
 
         return faster
 
-    monkeypatch.setattr(_crossover, "_sparse_faster", wins_up_to(4))
+    monkeypatch.setattr(cpu_sparse, "_wins", wins_up_to(4))
     saved = torch.get_num_threads()
     assert measure_crossover(16, 8, torch.float32, 0.5, threads=1) == 4
     assert seen == [(1, 1), (2, 1), (4, 1), (8, 1)]  # stops at the first loss
     assert torch.get_num_threads() == saved
-    monkeypatch.setattr(_crossover, "_sparse_faster", wins_up_to(0))
+    monkeypatch.setattr(cpu_sparse, "_wins", wins_up_to(0))
     assert measure_crossover(16, 8, torch.float32, 0.5, threads=2) == 0
-    monkeypatch.setattr(_crossover, "_sparse_faster", wins_up_to(1000))
+    monkeypatch.setattr(cpu_sparse, "_wins", wins_up_to(1000))
     assert measure_crossover(16, 8, torch.bfloat16, 0.5, max_tokens=48) == 32
 
 
@@ -425,7 +369,7 @@ def test_crossovers_are_cached_per_configuration(
         calls.append(x.shape[0])
         return x.shape[0] <= 2
 
-    monkeypatch.setattr(_crossover, "_sparse_faster", faster)
+    monkeypatch.setattr(cpu_sparse, "_wins", faster)
     assert measure_crossover(16, 8, torch.float32, 0.5, threads=1) == 2
     measured = len(calls)
     # the same key: sparsity rounded to 0.01
@@ -444,11 +388,9 @@ def test_no_kernel_or_another_dtype_never_crosses(
     def never_called(x: torch.Tensor, weight_t: torch.Tensor, threshold: float) -> bool:
         raise AssertionError("measured")
 
-    monkeypatch.setattr(_crossover, "_sparse_faster", never_called)
+    monkeypatch.setattr(cpu_sparse, "_wins", never_called)
     assert measure_crossover(16, 8, torch.float16, 0.5) == 0
-    monkeypatch.setattr(
-        _crossover, "cpu_kernel_status", lambda: _build.KernelStatus(False, "no compiler")
-    )
+    monkeypatch.setattr(cpu_sparse, "cpu_kernel_status", lambda: KernelStatus(False, "no compiler"))
     assert measure_crossover(16, 8, torch.float32, 0.5) == 0
 
 
@@ -541,7 +483,7 @@ def test_disabled_build_reports_why_and_the_op_raises_a_clear_error() -> None:
         """
         import torch
         from actsparse.core import ConfigError
-        from actsparse.hooks._kernels import (
+        from actsparse.kernels import (
             KernelUnavailableError, cpu_kernel_status, sparse_linear, sparse_linear_reference,
         )
         status = cpu_kernel_status()
@@ -558,8 +500,8 @@ def test_disabled_build_reports_why_and_the_op_raises_a_clear_error() -> None:
                 raise SystemExit("the op ran without a kernel")
         half = sparse_linear(x.half(), w.half(), None, 0.1)
         assert torch.equal(half, sparse_linear_reference(x.half(), w.half(), None, 0.1))
-        import actsparse.hooks._kernels._build as build
-        assert cpu_kernel_status() is build._status  # attempted once
+        import actsparse.kernels.cpu_sparse._op as op
+        assert cpu_kernel_status() is op.EXTENSION.status(build=False)  # attempted once
         print("fallback ok")
         """,
         **{DISABLE_ENV_VAR: "1"},
@@ -571,7 +513,7 @@ def test_disabled_build_reports_why_and_the_op_raises_a_clear_error() -> None:
 def test_no_compiler_is_reported_without_building() -> None:
     done = run_python(
         """
-        from actsparse.hooks._kernels import cpu_kernel_status
+        from actsparse.kernels import cpu_kernel_status
         print(cpu_kernel_status().reason)
         """,
         CXX="/nonexistent/c++",
@@ -584,7 +526,7 @@ def test_no_compiler_is_reported_without_building() -> None:
 def test_missing_ninja_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     monkeypatch.setattr(_build, "find_ninja", lambda: None)
-    status = _build._attempt()  # the attempt itself, not the process's cached status
+    status = cpu_sparse.EXTENSION.attempt()  # the attempt itself, not the cached status
     assert status == (False, "ninja is missing (pip install ninja)")
 
 
@@ -594,9 +536,8 @@ def test_a_failed_build_quotes_the_compiler_error(tmp_path: Path) -> None:
     done = run_python(
         f"""
         from pathlib import Path
-        import actsparse.hooks._kernels._build as build
-        build.SOURCE = Path({str(broken)!r})
-        status = build.cpu_kernel_status()
+        from actsparse.kernels import CppExtension
+        status = CppExtension("broken", [Path({str(broken)!r})], ["nothing"]).status()
         assert not status.available
         print(status.reason)
         """,
@@ -611,16 +552,16 @@ def test_concurrent_first_calls_build_once() -> None:
     done = run_python(
         """
         import threading
-        import actsparse.hooks._kernels._build as build
+        from actsparse.kernels.cpu_sparse import EXTENSION, cpu_kernel_status
         calls = []
-        attempt = build._attempt
+        attempt = EXTENSION.attempt
         def counted():
             calls.append(1)
             return attempt()
-        build._attempt = counted
+        EXTENSION.attempt = counted
         results = []
         threads = [
-            threading.Thread(target=lambda: results.append(build.cpu_kernel_status()))
+            threading.Thread(target=lambda: results.append(cpu_kernel_status()))
             for _ in range(4)
         ]
         for t in threads:
@@ -640,10 +581,10 @@ def test_concurrent_first_calls_build_once() -> None:
 def test_status_without_build_does_not_attempt() -> None:
     done = run_python(
         """
-        import actsparse.hooks._kernels._build as build
-        status = build.cpu_kernel_status(build=False)
+        from actsparse.kernels import cpu_kernel_status
+        status = cpu_kernel_status(build=False)
         assert status == (False, "not attempted yet in this process"), status
-        assert build._status is None
+        assert cpu_kernel_status(build=False) == status
         print("untouched")
         """
     )
@@ -652,9 +593,9 @@ def test_status_without_build_does_not_attempt() -> None:
 
 
 def test_the_cache_key_names_the_cpu_torch_and_source() -> None:
-    name = _build.extension_name()
-    assert name.startswith("actsparse_sparse_linear_")
-    assert name == _build.extension_name()
+    name = cpu_sparse.EXTENSION.extension_name()
+    assert name.startswith("actsparse_cpu_sparse_")
+    assert name == cpu_sparse.EXTENSION.extension_name()
     cflags, _ = _build.compile_flags()
     assert "-O3" in cflags
     identity = _build.cpu_identity()
