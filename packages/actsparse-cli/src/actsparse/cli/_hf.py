@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from actsparse.cli._app import CommandError, UsageError
+from actsparse.cli._inputs import read_regular
 from actsparse.core import ActsparseError, get_registry
 
 __all__ = [
@@ -190,20 +191,16 @@ def read_passages(path: Path, *, limit: int | None = None) -> list[str]:
     """The passages of a UTF-8 text file: its paragraphs, whitespace collapsed, at most ``limit``.
 
     Raises:
-        CommandError: The file is missing, unreadable, not UTF-8, or holds no text.
+        CommandError: The file is missing, not a regular file (a FIFO, a device),
+            unreadable, not UTF-8, or holds no text.
     """
-    if not path.exists():
-        raise CommandError(f"text file {str(path)!r} does not exist")
-    if not path.is_file():
-        raise CommandError(f"text file {str(path)!r} is not a regular file")
+    where = f"text file {str(path)!r}"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, where).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CommandError(
-            f"text file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
-    except OSError as exc:
-        raise CommandError(f"cannot read text file {str(path)!r}: {exc.strerror}") from None
     passages = [" ".join(part.split()) for part in _PARAGRAPH.split(text)]
     passages = [p for p in passages if p]
     if not passages:
