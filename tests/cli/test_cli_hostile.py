@@ -1,15 +1,21 @@
-"""Hostile and careless input to ``actsparse calibrate``, ``evaluate`` and ``sweep``: a recipe
-that is a FIFO or a JSON bomb. Each ends in one line that names the thing at fault.
+"""Hostile and careless input to ``actsparse calibrate``, ``evaluate`` and ``sweep``: a model
+directory that brings its own code, pickled weights or no tokenizer, and a recipe that is a
+FIFO or a JSON bomb. Each ends in one line that names the thing at fault, with nothing run
+and nothing read from standard input.
 
 The models are the tiny BERT and Llama of ``tests/_text_models.py``, built in the test.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import shutil
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +74,123 @@ def listing(directory: Path) -> dict[str, bytes | None]:
         str(path.relative_to(directory)): None if path.is_dir() else path.read_bytes()
         for path in sorted(directory.rglob("*"))
     }
+
+
+# --------------------------------------- 1: a model directory that brings its own code
+
+
+class RecordingStdin(io.StringIO):
+    """Standard input that answers yes to any prompt, and records that it was read."""
+
+    def __init__(self) -> None:
+        super().__init__("y\ny\ny\n")
+        self.reads = 0
+
+    def read(self, size: int | None = -1) -> str:
+        self.reads += 1
+        return super().read(size)
+
+    def readline(self, size: int | None = -1) -> str:
+        self.reads += 1
+        return super().readline(size)
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def evil(bert: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A model directory whose config.json maps AutoConfig to a file of its own; the file
+    writes a marker when it runs. Its model type is unknown to transformers, which then
+    asks on standard input whether to run the code unless told not to."""
+    model = tmp_path / "evil"
+    shutil.copytree(bert, model)
+    marker = tmp_path / "code-ran"
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "evil-remote"
+    config["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModel": "modeling_evil.EvilModel",
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "configuration_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\n\n\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil-remote'\n"
+    )
+    return model, marker
+
+
+@pytest.mark.parametrize("command", ["calibrate", "evaluate", "sweep"])
+def test_a_model_with_its_own_code_is_refused_without_running_it(
+    command: str,
+    evil: tuple[Path, Path],
+    models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, marker = evil
+    stdin = RecordingStdin()
+    monkeypatch.setattr("sys.stdin", stdin)
+    text = models["text"]
+    argv = {
+        "calibrate": ["calibrate", model, "--text", text, "--target", "0.5"],
+        "evaluate": ["evaluate", model, models["state"], "--text", text],
+        "sweep": ["sweep", model, "--text", text, *TIMING],
+    }[command] + ["--out" if command != "evaluate" else "--json", tmp_path / "out"]
+    code, out, err = run(argv, capsys)
+    assert code == 1
+    line = one_error_line(err, command)
+    assert 'auto_map entry "AutoConfig": "configuration_evil.EvilConfig" (and 1 more)' in line
+    assert "--trust-remote-code" in line
+    assert "[y/N]" not in out
+    assert stdin.reads == 0
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizers_own_code_is_refused_too(
+    bert: Path, text: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(bert, model)
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    settings["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    argv = ["calibrate", model, "--text", text, "--target", "0.5", "--out", tmp_path / "s"]
+    code, _, err = run(argv, capsys)
+    assert code == 1
+    line = one_error_line(err, "calibrate")
+    assert "its tokenizer_config.json has an auto_map entry" in line
+    assert '"AutoTokenizer": ["tokenization_evil.EvilTokenizer", null]' in line
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_every_loader_is_told_whether_to_trust_remote_code(
+    trust: bool,
+    bert: Path,
+    text: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import transformers
+
+    seen: dict[str, object] = {}
+    for loader in ("AutoConfig", "AutoModel", "AutoTokenizer"):
+        cls = getattr(transformers, loader)
+        real = cls.from_pretrained.__func__
+
+        def spy(klass: Any, *args: Any, _real: Any = real, _name: str = loader, **kw: Any) -> Any:
+            seen[_name] = kw.get("trust_remote_code", "not given")
+            return _real(klass, *args, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    argv = ["calibrate", bert, "--text", text, "--target", "0.5", "--out", tmp_path / "s"]
+    code, _, err = run([*argv, *(["--trust-remote-code"] if trust else [])], capsys)
+    assert code == 0, err
+    assert seen == {"AutoConfig": trust, "AutoModel": trust, "AutoTokenizer": trust}
 
 
 # --------------------------------------- 3: recipes that are FIFOs or JSON bombs
@@ -159,3 +282,92 @@ def test_brackets_and_digits_inside_a_recipes_strings_do_not_count(
     code, _, err = run(calibrate_with_recipe(bert, text, recipe, out), capsys)
     assert code == 0, err
     assert out.exists()
+
+
+def test_a_deep_or_long_numbered_config_json_is_refused_in_one_line(
+    bert: Path, text: Path, tmp_path: Path, state_out: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(bert, model)
+    for content, message in (
+        ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nests 5,001 levels deep"),
+        ('{"vocab_size": ' + "6" * 5000 + "}", "holds a number 5,000 characters long"),
+    ):
+        (model / "config.json").write_text(content)
+        argv = ["calibrate", model, "--text", text, "--target", "0.5", "--out", state_out]
+        code, _, err = run(argv, capsys)
+        assert code == 1
+        assert f"{str(model)!r}: cannot read its config.json: it {message}" in one_error_line(
+            err, "calibrate"
+        )
+
+
+# --------------------------------------- 9: a model directory without tokenizer files
+
+
+@pytest.mark.parametrize(
+    ("kind", "files"),
+    [
+        # transformers builds a BERT tokenizer of special tokens alone, which the class names
+        ("bert", "its tokenizer (BertTokenizer) reads tokenizer.json or vocab.txt, and the "),
+        # and fails to build a Llama one: the files any tokenizer reads are named
+        ("llama", "none of tokenizer.json, vocab.txt, vocab.json, merges.txt, tokenizer.model"),
+    ],
+)
+def test_a_model_without_tokenizer_files_is_refused(
+    kind: str,
+    files: str,
+    text: Path,
+    tmp_path: Path,
+    state_out: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model = tmp_path / kind
+    (_text_models.tiny_bert() if kind == "bert" else _text_models.tiny_llama()).save_pretrained(
+        model
+    )
+    assert not any(p.name.startswith(("tokenizer", "vocab")) for p in model.iterdir())
+    argv = ["calibrate", model, "--text", text, "--target", "0.5", "--out", state_out]
+    code, _, err = run(argv, capsys)
+    assert code == 1
+    line = one_error_line(err, "calibrate")
+    assert f"{str(model)!r} has no tokenizer files: " in line
+    assert files in line
+    assert "tokenizer.save_pretrained(MODEL_DIR)" in line
+
+
+# --------------------------------------- 13: pickled weights
+
+
+class _Marker:
+    """Unpickled, it would create the directory ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (str(self.path),))
+
+
+def test_pickled_weights_are_refused_in_actsparses_line_alone(
+    bert: Path,
+    text: Path,
+    tmp_path: Path,
+    state_out: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(bert, model)
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Marker(marker)}, protocol=4))
+    argv = ["calibrate", model, "--text", text, "--target", "0.5", "--out", state_out]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run(argv, capsys)
+    assert [str(w.message) for w in caught] == []  # what would print before the line
+    assert code == 1
+    line = one_error_line(err, "calibrate")
+    assert "its weights (pytorch_model.bin) are a pickle that torch.load(weights_only=True)" in line
+    assert "nothing in it was run" in line
+    assert not marker.exists()

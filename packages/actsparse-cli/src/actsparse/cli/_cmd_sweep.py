@@ -55,9 +55,7 @@ def _tolerance(text: str) -> float:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model_dir", type=Path, metavar="MODEL_DIR", help="a transformers model directory"
-    )
+    _hf.add_model_argument(parser)
     parser.add_argument(
         "--text",
         type=Path,
@@ -198,7 +196,9 @@ def run(args: argparse.Namespace) -> int:
         )
     calibration_text = _hf.select_split(passages, "even", args.text)
     evaluation_text = _hf.select_split(passages, "odd", args.text)
-    text_model = _hf.load_model(transformers, args.model_dir)
+    text_model = _hf.load_model(
+        transformers, args.model_dir, trust_remote_code=args.trust_remote_code
+    )
     max_tokens = _hf.check_max_tokens(text_model, args.max_tokens)
     _hf.layer_selection(text_model.model, args.layers)
     size = {"max_tokens": max_tokens, "batch": args.batch}
