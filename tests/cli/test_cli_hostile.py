@@ -1,7 +1,8 @@
 """Hostile and careless input to ``actsparse calibrate``, ``evaluate`` and ``sweep``: a model
-directory that brings its own code, pickled weights or no tokenizer, and a recipe that is a
-FIFO or a JSON bomb. Each ends in one line that names the thing at fault, with nothing run
-and nothing read from standard input.
+directory that brings its own code, pickled weights or no tokenizer, a recipe that is a FIFO
+or a JSON bomb, and a sweep whose output directory is in the way. Each ends in one line that
+names the thing at fault, with nothing run, nothing read from standard input and nothing
+lost on disk.
 
 The models are the tiny BERT and Llama of ``tests/_text_models.py``, built in the test.
 """
@@ -191,6 +192,107 @@ def test_every_loader_is_told_whether_to_trust_remote_code(
     code, _, err = run([*argv, *(["--trust-remote-code"] if trust else [])], capsys)
     assert code == 0, err
     assert seen == {"AutoConfig": trust, "AutoModel": trust, "AutoTokenizer": trust}
+
+
+# --------------------------------------- 2: a failing sweep keeps an earlier sweep's files
+
+
+@pytest.fixture
+def earlier(tmp_path: Path) -> Path:
+    """``o/`` as an earlier sweep left it (and a file of the user's)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "table.txt").write_text("the earlier table\n")
+    (out / "state-0.3.safetensors").write_bytes(b"the earlier state")
+    (out / "notes.txt").write_text("not the sweep's\n")
+    return out
+
+
+def sweep_03(
+    out: Path, models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """``actsparse sweep MODEL --text t.txt --targets 0.3 --out o``: its status and stderr."""
+    argv = ["sweep", models["bert"], "--text", models["text"], "--targets", "0.3", "--out", out]
+    code, _, err = run([*argv, *TIMING], capsys)
+    return code, err
+
+
+def test_a_sweep_refused_for_a_directory_in_the_way_keeps_every_earlier_file(
+    earlier: Path, models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    (earlier / "recipe.json").mkdir()
+    (earlier / "recipe.json" / "inside").write_text("kept\n")
+    before = listing(earlier)
+    code, err = sweep_03(earlier, models, capsys)
+    assert code == 1
+    line = one_error_line(err, "sweep")
+    assert f"{str(earlier / 'recipe.json')!r} is a directory" in line
+    assert listing(earlier) == before
+
+
+def test_a_sweep_that_fails_moving_its_files_into_place_puts_every_earlier_file_back(
+    earlier: Path,
+    models: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from actsparse.cli import _cmd_sweep
+
+    before = listing(earlier)
+    real_plot = _cmd_sweep.plot
+
+    def plot_then_block(*args: Any, **kwargs: Any) -> bytes:
+        # after the check at the start: the directory appears while the sweep runs
+        (earlier / "recipe.json").mkdir()
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(_cmd_sweep, "plot", plot_then_block)
+    code, err = sweep_03(earlier, models, capsys)
+    assert code == 1
+    line = one_error_line(err, "sweep")
+    assert f"{str(earlier / 'recipe.json')!r}: it is a directory" in line
+    assert "every file there is as it was" in line
+    assert listing(earlier) == {**before, "recipe.json": None}
+
+
+def test_a_sweep_that_cannot_move_a_file_names_it_and_puts_the_others_back(
+    earlier: Path,
+    models: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = listing(earlier)
+    real_replace = os.replace
+
+    def full_disk_at_the_plot(source: Any, target: Any) -> None:
+        if Path(target) == earlier / "quality_vs_sparsity.png":
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk_at_the_plot)
+    code, err = sweep_03(earlier, models, capsys)
+    assert code == 1
+    line = one_error_line(err, "sweep")
+    assert f"{str(earlier / 'quality_vs_sparsity.png')!r}: No space left on device" in line
+    assert listing(earlier) == before  # table.txt and the state were moved in, then put back
+
+
+def test_a_sweep_replaces_its_earlier_files_and_keeps_the_others(
+    earlier: Path, models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = sweep_03(earlier, models, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in earlier.iterdir()) == [
+        "notes.txt",
+        "quality_vs_sparsity.png",
+        "recipe.json",
+        "results.json",
+        "state-0.3.safetensors",
+        "table.txt",
+    ]
+    assert (earlier / "notes.txt").read_text() == "not the sweep's\n"
+    assert (earlier / "table.txt").read_text() != "the earlier table\n"
+    assert (earlier / "state-0.3.safetensors").read_bytes() != b"the earlier state"
 
 
 # --------------------------------------- 3: recipes that are FIFOs or JSON bombs
