@@ -547,16 +547,18 @@ def test_a_sweep_that_fails_writes_nothing(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from actsparse.cli import _cmd_sweep
+    from actsparse.cli import _outputs
 
     def broken(*args: Any, **kwargs: Any) -> bytes:
         raise OSError(28, "No space left on device")
 
     out = tmp_path / "sweep"
-    monkeypatch.setattr(_cmd_sweep, "write_atomic", broken)
+    monkeypatch.setattr(_outputs, "write_atomic", broken)
     code, _, err = run(["sweep", bert, "--text", text, "--out", out, *TIMING], capsys)
     assert code == 1
-    assert "cannot write the sweep's files" in one_error_line(err, "sweep")
+    line = one_error_line(err, "sweep")
+    assert "cannot write the sweep's files" in line
+    assert f"{str(out / 'table.txt')!r}: No space left on device" in line  # the file at fault
     assert not out.exists()  # the state files written before the failure are removed
 
 

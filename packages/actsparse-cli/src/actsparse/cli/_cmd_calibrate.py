@@ -79,9 +79,7 @@ def add_text_options(
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model_dir", type=Path, metavar="MODEL_DIR", help="a transformers model directory"
-    )
+    _hf.add_model_argument(parser)
     parser.add_argument(
         "--text",
         type=Path,
@@ -240,7 +238,9 @@ def run(args: argparse.Namespace) -> int:
             "differ from the recipe's",
             file=sys.stderr,
         )
-    text_model = _hf.load_model(transformers, args.model_dir)
+    text_model = _hf.load_model(
+        transformers, args.model_dir, trust_remote_code=args.trust_remote_code
+    )
     max_tokens = _hf.check_max_tokens(text_model, settings.max_tokens)
     settings = attrs.evolve(settings, max_tokens=max_tokens)
     _hf.layer_selection(text_model.model, settings.layers)  # refused before tokenizing

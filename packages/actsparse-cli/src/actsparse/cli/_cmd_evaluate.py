@@ -32,9 +32,7 @@ REPEAT = 3
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model_dir", type=Path, metavar="MODEL_DIR", help="a transformers model directory"
-    )
+    _hf.add_model_argument(parser)
     parser.add_argument(
         "state", type=Path, metavar="STATE", help="a state file (actsparse calibrate)"
     )
@@ -174,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
     passages = _hf.select_split(
         _hf.read_passages(args.text, limit=args.max_passages), args.split, args.text
     )
-    text_model = _hf.load_model(transformers, args.model_dir)
+    text_model = _hf.load_model(
+        transformers, args.model_dir, trust_remote_code=args.trust_remote_code
+    )
     check_layers(text_model, args.state, names)
     max_tokens = _hf.check_max_tokens(text_model, args.max_tokens)
     batches = _hf.tokenize(text_model, passages, max_tokens=max_tokens, batch=args.batch)

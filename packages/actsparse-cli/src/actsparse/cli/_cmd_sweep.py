@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import io
 import json
 import time
@@ -27,7 +28,7 @@ from actsparse.cli._cmd_calibrate import (
     widths,
 )
 from actsparse.cli._cmd_evaluate import REPEAT, check_kernel
-from actsparse.cli._outputs import check_dir, write_atomic, written_together
+from actsparse.cli._outputs import check_dir, written_together
 
 __all__ = ["HELP", "configure", "run"]
 
@@ -42,6 +43,8 @@ PLOT_FILE = "quality_vs_sparsity.png"
 TABLE_FILE = "table.txt"
 RESULTS_FILE = "results.json"
 RECIPE_FILE = "recipe.json"
+FIXED_FILES = (TABLE_FILE, RESULTS_FILE, PLOT_FILE, RECIPE_FILE)
+FILES_WHAT = "the sweep's files"
 
 
 def _tolerance(text: str) -> float:
@@ -55,9 +58,7 @@ def _tolerance(text: str) -> float:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model_dir", type=Path, metavar="MODEL_DIR", help="a transformers model directory"
-    )
+    _hf.add_model_argument(parser)
     parser.add_argument(
         "--text",
         type=Path,
@@ -186,10 +187,10 @@ def choose(rows: Sequence[Row], tolerance: float) -> Row:
 def run(args: argparse.Namespace) -> int:
     transformers = _hf.require("sweep", plot=True)
     check_kernel(args.kernel)
-    check_dir(args.out, "the sweep's files")
     names_seen = {state_name(t) for t in args.targets}
     if len(names_seen) != len(args.targets):
         raise CommandError("two targets give one state file name; give targets that differ more")
+    check_dir(args.out, FILES_WHAT, [*sorted(names_seen), *FIXED_FILES])
     passages = _hf.read_passages(args.text, limit=args.max_passages)
     if len(passages) < 2:
         raise CommandError(
@@ -198,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
         )
     calibration_text = _hf.select_split(passages, "even", args.text)
     evaluation_text = _hf.select_split(passages, "odd", args.text)
-    text_model = _hf.load_model(transformers, args.model_dir)
+    text_model = _hf.load_model(
+        transformers, args.model_dir, trust_remote_code=args.trust_remote_code
+    )
     max_tokens = _hf.check_max_tokens(text_model, args.max_tokens)
     _hf.layer_selection(text_model.model, args.layers)
     size = {"max_tokens": max_tokens, "batch": args.batch}
@@ -336,18 +339,16 @@ def run(args: argparse.Namespace) -> int:
     image = plot(rows, text_model.kind, title, dense_reference.perplexity)
     from actsparse.serialize import save
 
-    with written_together(args.out, "the sweep's files") as written:
+    with written_together(args.out, FILES_WHAT) as staged:
         for name, state in states.items():
-            save(state, args.out / name)
-            written.append(args.out / name)
+            staged.write(name, functools.partial(save, state))
         for name, data in (
             (TABLE_FILE, (text + "\n").encode()),
             (RESULTS_FILE, (json.dumps(results, indent=2) + "\n").encode()),
             (PLOT_FILE, image),
             (RECIPE_FILE, recipe),
         ):
-            write_atomic(args.out / name, data)
-            written.append(args.out / name)
+            staged.write_bytes(name, data)
     for name in (PLOT_FILE, TABLE_FILE, RESULTS_FILE, RECIPE_FILE, *states):
         print(f"wrote {args.out / name}")
     return 0

@@ -14,12 +14,16 @@ separated by blank lines; the lines of one are joined by spaces).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
+import pickle
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from actsparse.cli._app import CommandError, UsageError
+from actsparse.cli._inputs import JSONBoundError, parse_json, read_regular
 from actsparse.core import ActsparseError, get_registry
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "HF_EXTRA",
     "SPLITS",
     "TextModel",
+    "add_model_argument",
     "each",
     "layer_selection",
     "load_model",
@@ -130,49 +136,109 @@ class TextModel:
         return set(inspect.signature(self.model.forward).parameters)
 
 
-def load_model(transformers: Any, path: Path) -> TextModel:
+#: The largest ``config.json`` or ``tokenizer_config.json`` read (real ones are well under 1 MiB;
+#: a tokenizer's with many added tokens can reach a few MiB).
+MAX_MODEL_JSON_BYTES = 64 * 1024 * 1024
+#: The files that transformers' tokenizers read their vocabulary from.
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+_SAVE_TOKENIZER = "save the tokenizer beside the model (tokenizer.save_pretrained(MODEL_DIR))"
+#: The flag that lets a model directory run its own code.
+TRUST_REMOTE_CODE = "--trust-remote-code"
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``MODEL_DIR`` and ``--trust-remote-code``, as every command that loads a model takes
+    them."""
+    parser.add_argument(
+        "model_dir", type=Path, metavar="MODEL_DIR", help="a transformers model directory"
+    )
+    parser.add_argument(
+        TRUST_REMOTE_CODE,
+        action="store_true",
+        help="run the Python code of a model directory whose config.json or "
+        "tokenizer_config.json has an auto_map (refused without this flag); only for a "
+        "model whose code you have read",
+    )
+
+
+def load_model(transformers: Any, path: Path, *, trust_remote_code: bool = False) -> TextModel:
     """Load the model and tokenizer of a ``save_pretrained()`` directory, offline.
+
+    Every ``transformers`` loader gets ``trust_remote_code``: without it, a directory
+    whose ``config.json`` or ``tokenizer_config.json`` has an ``auto_map`` (Python code
+    of its own) is refused before anything is loaded, and ``transformers`` never asks.
 
     Raises:
         CommandError: The directory is missing, is not a transformers model
-            directory, or cannot be loaded.
+            directory, needs its own code without ``trust_remote_code``, has no
+            tokenizer files, or cannot be loaded.
     """
+    where = str(path)
     if not path.exists():
-        raise CommandError(f"model directory {str(path)!r} does not exist")
+        raise CommandError(f"model directory {where!r} does not exist")
     if not path.is_dir():
         raise CommandError(
-            f"{str(path)!r} is not a directory: MODEL_DIR is a transformers model directory "
+            f"{where!r} is not a directory: MODEL_DIR is a transformers model directory "
             "(config.json, weights and tokenizer files, as save_pretrained() writes them)"
         )
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").exists():
         raise CommandError(
-            f"{str(path)!r} is not a transformers model directory: it has no config.json"
+            f"{where!r} is not a transformers model directory: it has no config.json"
         )
+    settings = [("config.json", _model_json(path, "config.json"))]
+    if (path / "tokenizer_config.json").exists():
+        settings.append(("tokenizer_config.json", _model_json(path, "tokenizer_config.json")))
+    if not trust_remote_code:
+        for name, values in settings:
+            _refuse_own_code(path, name, values)
+    offline = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, **offline)
     except Exception as exc:
-        raise CommandError(f"{str(path)!r}: cannot read its config.json: {one_line(exc)}") from None
+        raise CommandError(f"{where!r}: cannot read its config.json: {one_line(exc)}") from None
     if getattr(config, "is_encoder_decoder", False):
         raise CommandError(
-            f"{str(path)!r} holds an encoder-decoder model ({config.model_type}); the text "
+            f"{where!r} holds an encoder-decoder model ({config.model_type}); the text "
             "commands take encoders and causal language models"
         )
     architectures = getattr(config, "architectures", None) or []
     kind = CAUSAL if any(str(a).endswith(_CAUSAL_SUFFIXES) for a in architectures) else ENCODER
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, **offline)
+    except Exception as exc:
+        if not any((path / name).is_file() for name in VOCABULARY_FILES):
+            raise CommandError(
+                f"{where!r} has no tokenizer files: none of {', '.join(VOCABULARY_FILES)}; "
+                f"{_SAVE_TOKENIZER}"
+            ) from None
+        raise CommandError(f"{where!r}: cannot load its tokenizer: {one_line(exc)}") from None
+    _refuse_missing_vocabulary(path, tokenizer)  # before the weights: they may be large
     auto = transformers.AutoModelForCausalLM if kind == CAUSAL else transformers.AutoModel
     try:
-        model = auto.from_pretrained(path, local_files_only=True)
+        with warnings.catch_warnings():
+            # torch warns (two lines) about a pickle protocol it did not write before it
+            # refuses such a file; the refusal below says all there is to say
+            warnings.filterwarnings(
+                "ignore", message="Detected pickle protocol", category=UserWarning
+            )
+            model = auto.from_pretrained(path, **offline)
+    except pickle.UnpicklingError as exc:
+        raise CommandError(_pickle_refusal(path, exc)) from None
     except Exception as exc:
-        raise CommandError(f"{str(path)!r}: cannot load the model: {one_line(exc)}") from None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise CommandError(f"{str(path)!r}: cannot load its tokenizer: {one_line(exc)}") from None
+        raise CommandError(f"{where!r}: cannot load the model: {one_line(exc)}") from None
     if tokenizer.pad_token is None:
         # decoders often have none; padding is masked out everywhere, any token does
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
-            raise CommandError(f"{str(path)!r}: its tokenizer has no padding, end or unknown token")
+            raise CommandError(f"{where!r}: its tokenizer has no padding, end or unknown token")
         tokenizer.pad_token = fallback
     tokenizer.padding_side = "right"
     model.eval()
@@ -186,24 +252,95 @@ def load_model(transformers: Any, path: Path) -> TextModel:
     )
 
 
+def _model_json(path: Path, name: str) -> dict[str, Any]:
+    """A JSON file of the model directory, as an object; refused in one line if it cannot
+    be read, is not a regular file, passes a bound of :func:`parse_json`, or is not JSON."""
+    where = f"{str(path)!r}: its {name}"
+    raw = read_regular(path / name, where, limit=MAX_MODEL_JSON_BYTES)
+    try:
+        values = parse_json(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CommandError(
+            f"{str(path)!r}: cannot read its {name}: it is not UTF-8 text ({exc.reason} at "
+            f"byte {exc.start})"
+        ) from None
+    except JSONBoundError as exc:
+        raise CommandError(f"{str(path)!r}: cannot read its {name}: it {exc}") from None
+    if not isinstance(values, dict):
+        raise CommandError(
+            f"{str(path)!r}: cannot read its {name}: it holds a JSON {type(values).__name__}, "
+            "not an object"
+        )
+    return values
+
+
+def _refuse_own_code(path: Path, name: str, values: dict[str, Any]) -> None:
+    """Refuse a JSON file of the model directory whose ``auto_map`` points at Python code."""
+    auto_map = values.get("auto_map")
+    if not auto_map:
+        return
+    if isinstance(auto_map, dict):
+        key, value = next(iter(auto_map.items()))
+        entry = f"{json.dumps(key)}: {json.dumps(value)}"
+        more = len(auto_map) - 1
+    else:
+        entry, more = json.dumps(auto_map), 0
+    if len(entry) > 120:
+        entry = entry[:117] + "..."
+    others = f" (and {more} more)" if more else ""
+    raise CommandError(
+        f"{str(path)!r}: its {name} has an auto_map entry {entry}{others}, which runs Python "
+        f"code of the model directory; actsparse loads none unless you pass "
+        f"{TRUST_REMOTE_CODE} (only for a model whose code you have read)"
+    )
+
+
+def _refuse_missing_vocabulary(path: Path, tokenizer: Any) -> None:
+    """Refuse a tokenizer that found none of the files it reads its vocabulary from
+    (``transformers`` then builds one that knows only its special tokens)."""
+    names = getattr(tokenizer, "vocab_files_names", None)
+    if not isinstance(names, dict) or not names:
+        return  # a tokenizer that reads no file (one of bytes or characters)
+    # every tokenizers-backed class reads tokenizer.json, whatever else it names
+    wanted = list(dict.fromkeys(["tokenizer.json", *map(str, names.values())]))
+    if any((path / name).is_file() for name in wanted):
+        return
+    raise CommandError(
+        f"{str(path)!r} has no tokenizer files: its tokenizer ({type(tokenizer).__name__}) "
+        f"reads {' or '.join(wanted)}, and the directory has none of them; {_SAVE_TOKENIZER}"
+    )
+
+
+def _pickle_refusal(path: Path, exc: pickle.UnpicklingError) -> str:
+    """One line for pickled weights that ``torch.load(weights_only=True)`` refuses."""
+    message = str(exc)
+    lines = message.partition("WeightsUnpickler error:")[2].strip().splitlines()
+    detail = lines[0].strip() if lines else one_line(exc)
+    if len(detail) > 120:
+        detail = detail[:117] + "..."
+    files = sorted(p.name for p in path.glob("*.bin"))
+    what = f"its weights ({', '.join(files[:3])}) are" if files else "its weights are"
+    return (
+        f"{str(path)!r}: cannot load the model: {what} a pickle that torch.load(weights_only="
+        f"True) refuses ({detail}); nothing in it was run: save the model with "
+        "save_pretrained(), which writes safetensors"
+    )
+
+
 def read_passages(path: Path, *, limit: int | None = None) -> list[str]:
     """The passages of a UTF-8 text file: its paragraphs, whitespace collapsed, at most ``limit``.
 
     Raises:
-        CommandError: The file is missing, unreadable, not UTF-8, or holds no text.
+        CommandError: The file is missing, not a regular file (a FIFO, a device),
+            unreadable, not UTF-8, or holds no text.
     """
-    if not path.exists():
-        raise CommandError(f"text file {str(path)!r} does not exist")
-    if not path.is_file():
-        raise CommandError(f"text file {str(path)!r} is not a regular file")
+    where = f"text file {str(path)!r}"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, where).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CommandError(
-            f"text file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
-    except OSError as exc:
-        raise CommandError(f"cannot read text file {str(path)!r}: {exc.strerror}") from None
     passages = [" ".join(part.split()) for part in _PARAGRAPH.split(text)]
     passages = [p for p in passages if p]
     if not passages:

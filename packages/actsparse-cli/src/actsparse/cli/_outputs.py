@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from actsparse.cli._app import CommandError
 
-__all__ = ["check_dir", "check_file", "write_atomic", "written_together"]
+__all__ = ["Staged", "check_dir", "check_file", "write_atomic", "written_together"]
 
 
 def _writable_dir(directory: Path, path: Path, what: str) -> None:
@@ -35,14 +36,29 @@ def check_file(path: Path, what: str) -> None:
     _writable_dir(path.parent, path, what)
 
 
-def check_dir(path: Path, what: str) -> None:
-    """Refuse an output directory that exists as something else, or cannot be created."""
+def _a_directory(directory: Path, names: Iterable[str]) -> str | None:
+    """The first of ``names`` that is a directory (not a link to one) in ``directory``."""
+    for name in names:
+        target = directory / name
+        if target.is_dir() and not target.is_symlink():
+            return name
+    return None
+
+
+def check_dir(path: Path, what: str, names: Iterable[str] = ()) -> None:
+    """Refuse an output directory that exists as something else, or cannot be created, or
+    in which one of the files ``names`` is a directory."""
     if path.exists():
         if not path.is_dir():
             raise CommandError(
                 f"cannot write {what} to {str(path)!r}: it exists and is not a directory"
             )
         _writable_dir(path, path, what)
+        name = _a_directory(path, names)
+        if name is not None:
+            raise CommandError(
+                f"cannot write {what} to {str(path)!r}: {str(path / name)!r} is a directory"
+            )
         return
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -71,25 +87,126 @@ def _umask() -> int:
     return mask
 
 
+class Staged:
+    """The files of :func:`written_together`, written to a temporary directory until the
+    block ends."""
+
+    def __init__(self, directory: Path, staging: Path, what: str) -> None:
+        self.directory = directory
+        self.staging = staging
+        self.what = what
+        self.names: list[str] = []
+        #: Whether the temporary directory must stay (it holds an earlier file).
+        self.keep = False
+
+    def write(self, name: str, writer: Callable[[Path], object]) -> None:
+        """Call ``writer`` with the temporary path of the file ``name`` of the directory."""
+        self.names.append(name)
+        try:
+            writer(self.staging / name)
+        except OSError as exc:
+            raise self.failure(name, exc.strerror or str(exc)) from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.write(name, lambda path: write_atomic(path, data))
+
+    def failure(self, name: str, reason: str) -> CommandError:
+        return CommandError(
+            f"cannot write {self.what} to {str(self.directory)!r}: "
+            f"{str(self.directory / name)!r}: {reason}; every file there is as it was"
+        )
+
+    def move_into_place(self) -> None:
+        """Move each file into the directory; if one fails, put back every file that was
+        there before (and remove the new ones)."""
+        blocking = _a_directory(self.directory, self.names)
+        if blocking is not None:
+            raise self.failure(blocking, "it is a directory")
+        backups = self.staging / ".before"
+        backups.mkdir()
+        moved: list[tuple[Path, Path | None]] = []
+        try:
+            for name in self.names:
+                target = self.directory / name
+                backup = None
+                if os.path.lexists(target):
+                    backup = backups / name
+                    os.replace(target, backup)
+                moved.append((target, backup))
+                os.replace(self.staging / name, target)
+        except BaseException as exc:  # an interrupt too: never leave half the files moved
+            kept = _put_back(moved)
+            self.keep = bool(kept)  # then the only copy of an earlier file is in it
+            if not isinstance(exc, OSError):
+                raise
+            reason = exc.strerror or str(exc)
+            if not kept:
+                raise self.failure(name, reason) from None
+            raise CommandError(
+                f"cannot write {self.what} to {str(self.directory)!r}: "
+                f"{str(self.directory / name)!r}: {reason}; the earlier "
+                f"{', '.join(kept)} could not be put back: they are in {str(backups)!r}"
+            ) from None
+
+
+def _put_back(moved: list[tuple[Path, Path | None]]) -> list[str]:
+    """Undo the moves of :meth:`Staged.move_into_place`; the names of the earlier files
+    that could not be put back."""
+    kept = []
+    for target, backup in reversed(moved):
+        try:
+            if backup is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.replace(backup, target)
+        except OSError:
+            if backup is not None:
+                kept.append(target.name)
+    return sorted(kept)
+
+
 @contextlib.contextmanager
-def written_together(directory: Path, what: str) -> Iterator[list[Path]]:
-    """Create ``directory`` if needed; yield a list to add each file written to. If the
-    block fails, every file added is removed (and the directory, if this created it), and
-    an ``OSError`` becomes a one-line :class:`CommandError`."""
-    created = not directory.exists()
-    written: list[Path] = []
+def written_together(directory: Path, what: str) -> Iterator[Staged]:
+    """Create ``directory`` if needed and yield a :class:`Staged` to write its files with.
+
+    The files go to a temporary directory inside ``directory`` (so on the same file
+    system) and, when the block ends, each is moved into place. If the block or a move
+    fails, every file that was in ``directory`` before is there, unchanged; the new ones
+    are removed (and ``directory``, if this created it), and an ``OSError`` becomes a
+    one-line :class:`CommandError` that names the file.
+    """
+    created = _missing_ancestors(directory)
+    staged: Staged | None = None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        yield written
-    except BaseException as exc:
-        for path in written:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        if created:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        if isinstance(exc, OSError):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".actsparse-", suffix=".tmp", dir=directory)
+        except OSError as exc:
             raise CommandError(
                 f"cannot write {what} to {str(directory)!r}: {exc.strerror or exc}"
             ) from None
+        staged = Staged(directory, Path(staging), what)
+        yield staged
+        staged.move_into_place()
+    except BaseException:
+        _remove(staged)
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only while empty: never what another process wrote there
         raise
+    _remove(staged)
+
+
+def _remove(staged: Staged | None) -> None:
+    if staged is not None and not staged.keep:
+        shutil.rmtree(staged.staging, ignore_errors=True)
+
+
+def _missing_ancestors(directory: Path) -> list[Path]:
+    """``directory`` and those of its parents that do not exist, deepest first."""
+    missing = []
+    path = directory
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing

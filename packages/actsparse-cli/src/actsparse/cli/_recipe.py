@@ -21,9 +21,11 @@ import attrs
 
 from actsparse.cli._app import CommandError
 from actsparse.cli._hf import SPLITS
+from actsparse.cli._inputs import JSONBoundError, parse_json, read_regular
 
 __all__ = [
     "ALLOCATIONS",
+    "MAX_RECIPE_BYTES",
     "RECIPE_FORMAT",
     "Settings",
     "layers_spec",
@@ -36,6 +38,8 @@ __all__ = [
 
 RECIPE_FORMAT = "actsparse-recipe"
 RECIPE_VERSION = 1
+#: The largest recipe read; the recipes that ``actsparse sweep`` writes are under 1 KiB.
+MAX_RECIPE_BYTES = 64 * 1024
 #: How ``sparsify()`` spreads the target over the layers (its ``allocation``).
 ALLOCATIONS = ("uniform", "greedy")
 
@@ -125,19 +129,21 @@ def read_recipe(path: Path) -> tuple[dict[str, Any], str | None]:
     """The settings a recipe file holds (checked) and the SHA-256 of its text, if recorded.
 
     Raises:
-        CommandError: The file is missing, not JSON, not a recipe, or holds a bad value.
+        CommandError: The file is missing, not a regular file, larger than
+            :data:`MAX_RECIPE_BYTES`, not JSON (or nested deeper, or with longer numbers,
+            than :func:`~actsparse.cli._inputs.parse_json` reads), not a recipe, or holds a
+            bad value.
     """
     where = f"recipe {str(path)!r}"
+    raw = read_regular(path, where, limit=MAX_RECIPE_BYTES)
     try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CommandError(f"{where} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CommandError(f"cannot read {where}: {exc}") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CommandError(f"{where} is not JSON: {exc}") from None
+        data = parse_json(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CommandError(
+            f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    except JSONBoundError as exc:
+        raise CommandError(f"{where} {exc}") from None
     if not isinstance(data, dict) or data.get("format") != RECIPE_FORMAT:
         raise CommandError(f'{where} is not an actsparse recipe (no "format": {RECIPE_FORMAT!r})')
     if data.get("version") != RECIPE_VERSION:
