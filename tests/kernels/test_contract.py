@@ -24,12 +24,15 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from _kernel_cases import (
+    UNIT_ROUNDOFF,
     add_specials,
     assert_close_to_reference,
     check_kernel,
     error_bound,
     make_x,
+    reference,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -288,3 +291,98 @@ def test_a_kernel_that_cannot_run_here_says_so_and_auto_runs_dense(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", KernelWarning)
         sparsifier.set_kernel("auto")
+
+
+# ------------------------------------------------------------------ the layer's live parameters
+
+
+def _kernel_model(kernel: KernelStrategy, candidate: Candidate) -> tuple[nn.Module, float]:
+    _runnable(kernel)
+    if not kernel.exact:
+        pytest.skip("a lossy kernel computes with the weights it prepared")
+    model, sparsifier = _squashed(candidate)
+    sparsifier.set_kernel(kernel.name)
+    return model, sparsifier.thresholds["0"].threshold
+
+
+def _dense_of(model: nn.Module, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return torch.relu(reference(model[0], x, threshold)).to(x.device)
+
+
+def _assert_dense(
+    kernel: KernelStrategy, model: nn.Module, x: torch.Tensor, threshold: float
+) -> None:
+    layer = model[0]
+    with torch.no_grad():
+        y = model(x)
+    bias = None if layer.bias is None else layer.bias.detach()
+    bound = error_bound(x, layer.weight.detach().T, bias, threshold, kernel.tolerance)
+    assert_close_to_reference(y, _dense_of(model, x, threshold), bound)
+
+
+@pytest.mark.parametrize(("kernel", "candidate"), SUPPORTED)
+def test_the_kernel_computes_with_the_layers_current_weights(
+    kernel: KernelStrategy, candidate: Candidate
+) -> None:
+    from actsparse.kernels import to_output_major
+
+    model, threshold = _kernel_model(kernel, candidate)
+    layer = model[0]
+    x = candidate.sample(3)
+    _assert_dense(kernel, model, x, threshold)
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # edited in place
+    _assert_dense(kernel, model, x, threshold)
+    layer.weight = nn.Parameter(torch.randn_like(layer.weight))  # replaced
+    _assert_dense(kernel, model, x, threshold)
+    fresh = candidate.build(seed=5).state_dict()
+    model.load_state_dict({f"0.{k}": v for k, v in fresh.items()}, assign=True)
+    _assert_dense(kernel, model, x, threshold)
+    to_output_major(layer)  # stored output-major again, then edited
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    _assert_dense(kernel, model, x, threshold)
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.add_(3.0)
+        _assert_dense(kernel, model, x, threshold)
+
+
+@pytest.mark.parametrize(("kernel", "candidate"), SUPPORTED)
+def test_gradients_reach_the_layers_weight_and_bias(
+    kernel: KernelStrategy, candidate: Candidate
+) -> None:
+    model, threshold = _kernel_model(kernel, candidate)
+    layer = model[0]
+    x = candidate.sample(4)
+    model(x).sum().backward()
+    assert layer.weight.grad is not None, "no weight gradient under the kernel"
+    grads = [layer.weight.grad.clone()]
+    if layer.bias is not None:
+        assert layer.bias.grad is not None, "no bias gradient under the kernel"
+        grads.append(layer.bias.grad.clone())
+    twin = nn.Linear(IN_FEATURES, OUT_FEATURES, bias=layer.bias is not None)
+    twin = twin.to(device=candidate.device, dtype=candidate.dtype)
+    twin.load_state_dict(layer.state_dict())
+    torch.relu(twin(F.hardshrink(x, threshold))).sum().backward()
+    expected = [twin.weight.grad] + ([twin.bias.grad] if twin.bias is not None else [])
+    for ours, theirs in zip(grads, expected, strict=True):
+        assert theirs is not None
+        scale = float(theirs.abs().max()) + 1.0
+        torch.testing.assert_close(
+            ours.double(),
+            theirs.double(),
+            atol=8 * UNIT_ROUNDOFF[candidate.dtype] * scale,
+            rtol=0,
+        )
+
+
+@pytest.mark.parametrize(("kernel", "candidate"), SUPPORTED)
+def test_the_kernel_follows_the_layer_to_another_dtype(
+    kernel: KernelStrategy, candidate: Candidate
+) -> None:
+    model, threshold = _kernel_model(kernel, candidate)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        model.to(dtype)
+        x = candidate.sample(2).to(dtype)
+        _assert_dense(kernel, model, x, threshold)

@@ -44,14 +44,26 @@ def linear_apply(op: ThresholdOp) -> Callable[[nn.Linear, float], Callable[[Tens
     (:func:`~actsparse.kernels.to_input_major`: the parameter becomes its
     transposed view, one copy of the weight) and gives ``fn(x)``, the layer
     on ``x`` with ``|x| <= threshold`` zeroed.
+
+    ``fn`` computes with the layer's parameters as they are at each call,
+    never with a copy taken here: a weight or bias edited in place, replaced
+    (``layer.weight = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``),
+    moved to another dtype or device, or stored output-major again
+    (:func:`~actsparse.kernels.to_output_major`) gives the same outputs as the
+    dense layer, and gradients reach the weight and the bias. A weight that is
+    no longer input-major is re-stored input-major at its next call (once; the
+    op would otherwise copy it on every call).
     """
 
     def apply(module: nn.Linear, threshold: float) -> Callable[[Tensor], Tensor]:
-        weight_t = to_input_major(module)
-        bias = None if module.bias is None else module.bias.detach()
+        to_input_major(module)
 
         def run(x: Tensor) -> Tensor:
-            return op(x, weight_t, bias, threshold)
+            weight_t = module.weight.T
+            if not weight_t.is_contiguous():  # replaced or re-laid out since the last call
+                to_input_major(module)
+                weight_t = module.weight.T
+            return op(x, weight_t, module.bias, threshold)
 
         return run
 
