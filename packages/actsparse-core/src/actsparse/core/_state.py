@@ -101,6 +101,10 @@ DETACHED = "None"
 #: The values of ``hook_state``: which hook is attached.
 HOOK_STATES = (AGGREGATE, SPARSIFY, DETACHED)
 
+#: The largest float32: a threshold or offset beyond it cannot be applied to a float32
+#: layer (torch refuses to convert the threshold; the offset would become inf).
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 def _fraction(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not 0.0 <= float(value) <= 1.0:  # type: ignore[arg-type]
@@ -111,6 +115,11 @@ def _threshold(instance: object, attribute: attrs.Attribute[Any], value: object)
     number = float(value)  # type: ignore[arg-type]
     if not math.isfinite(number) or number < 0:
         raise ConfigError(f"ThresholdResult.threshold must be a finite number >= 0, got {value!r}")
+    if number > FLOAT32_MAX:
+        raise ConfigError(
+            f"ThresholdResult.threshold must be at most {FLOAT32_MAX!r}, the largest float32, "
+            f"got {value!r}: a float32 layer cannot apply it"
+        )
 
 
 def _number(name: str, value: object) -> float:
@@ -433,7 +442,8 @@ def _threshold_of(value: object, where: str) -> ThresholdResult | None:
 
 
 def check_offset(value: object, where: str) -> torch.Tensor:
-    """``value`` if it is a non-empty 1-D dense floating tensor of finite numbers.
+    """``value`` if it is a non-empty 1-D dense floating tensor of finite numbers that
+    float32 holds (``|v| <= FLOAT32_MAX``).
 
     Raises:
         SerializationError: It is not (``where`` names it).
@@ -456,6 +466,11 @@ def check_offset(value: object, where: str) -> torch.Tensor:
         )
     if not bool(torch.isfinite(value).all()):
         raise SerializationError(f"{where} holds non-finite numbers")
+    if value.dtype.itemsize > 4 and bool((value.abs() > FLOAT32_MAX).any()):
+        raise SerializationError(
+            f"{where} holds numbers beyond float32's range (|v| > {FLOAT32_MAX!r}); a float32 "
+            "layer would add inf to its output"
+        )
     return value
 
 
