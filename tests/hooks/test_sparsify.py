@@ -228,6 +228,44 @@ def test_unknown_and_unmatched_presets_list_the_presets() -> None:
     _refused(plain, [torch.ones(2, 4)], ConfigError, "must be a preset name", layers=3)
 
 
+class TwoFamilies(nn.Module):
+    """An encoder block named as "bert" expects beside a decoder block named as "llama"
+    expects: both presets match."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.encoder = Encoder(width, depth=1).encoder
+        self.layers = nn.ModuleList([nn.Module()])
+        self.layers[0].self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.layers[0].self_attn, name, nn.Linear(width, width))
+        self.layers[0].mlp = nn.Module()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self.layers[0].mlp, name, nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.encoder.layer[0](x)
+        attention, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        x = x + attention.o_proj(attention.q_proj(x) + attention.k_proj(x) + attention.v_proj(x))
+        return x + mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
+
+
+def test_auto_refuses_a_model_that_two_presets_match_and_names_both() -> None:
+    model = TwoFamilies()
+    batches = [torch.randn(4, 3, 8)]
+    _refused(
+        model,
+        batches,
+        ConfigError,
+        r"layers='auto'.*'bert' \(2 layers\).*'llama' \(7 layers\).*layers='bert'",
+    )
+    # naming one preset picks it; rules pick both
+    assert len(sparsify(model, batches, target=0.5, layers="llama").thresholds) == 7
+    both = TwoFamilies()
+    rules = [*PRESETS["bert"].rules(), *PRESETS["llama"].rules()]
+    assert len(sparsify(both, batches, target=0.5, layers=rules).thresholds) == 9
+
+
 def test_rules_that_select_nothing_are_refused() -> None:
     model, batches = model_and_batches(1)
     _refused(model, batches, ConfigError, "selected no layer", layers={r"nothing\.here": None})

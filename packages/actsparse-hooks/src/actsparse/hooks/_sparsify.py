@@ -260,8 +260,8 @@ def sparsify(
             layers' input entries that are zeroed, each layer counted by its
             input width.
         layers: A preset name (``"auto"``: the one whose module names the model
-            has; ``"bert"``; ``"llama"``) or the rules of
-            :meth:`~ActivationSparsifier.register_layers`.
+            has, refused when several presets match; ``"bert"``; ``"llama"``)
+            or the rules of :meth:`~ActivationSparsifier.register_layers`.
         allocation: ``"greedy"`` (the default): each layer's error alone is
             measured on the probe examples at 0.5, 1, 1.5 and 2 times
             ``target`` (at most 0.95; :func:`layer_sensitivity`), then
@@ -287,7 +287,8 @@ def sparsify(
 
     Raises:
         ConfigError: A bad argument, an unknown preset or one that selects no
-            layer, no batch, or a first batch that the model rejects. Nothing
+            layer, ``"auto"`` on a model that no preset or several presets
+            match, no batch, or a first batch that the model rejects. Nothing
             is attached to the model then.
         UnknownStrategyError: No kernel or mask strategy of that name.
 
