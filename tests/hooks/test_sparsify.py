@@ -9,13 +9,14 @@ gives them. The decoder tests build a tiny random Llama with ``transformers``
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from actsparse.core import ConfigError, UnknownStrategyError
+from actsparse.core import CalibrationWarning, ConfigError, UnknownStrategyError
 from actsparse.hooks import PRESETS, ActivationSparsifier, sparsify
 
 
@@ -160,6 +161,66 @@ def test_greedy_allocation_meets_the_model_wide_target() -> None:
     assert math.isclose(mean, 0.5, abs_tol=1e-9)
     assert len(set(levels.values())) > 1
     assert sorted(hooked(model)) == BERT_MLP
+
+
+def _non_finite_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, int]:
+    """How many non-finite values each layer's input holds when the model runs on ``x``."""
+    counts = dict.fromkeys(names, 0)
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, name=name: counts.__setitem__(name, int((~a[0].isfinite()).sum()))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return counts
+
+
+def _finite_sparsity(model: nn.Module, names: list[str], x: torch.Tensor) -> float:
+    """The share of zeros among the finite input entries of the layers, on ``x``."""
+    zeros = total = 0
+
+    def count(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal zeros, total
+        finite = args[0][args[0].isfinite()]
+        zeros += int((finite == 0).sum())
+        total += finite.numel()
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(count) for name in names]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return zeros / total
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_calibration_value_is_skipped_counted_and_named(bad: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16)  # 512 entries, one of them bad
+    x[1, 2, 3] = bad
+    torch.manual_seed(0)
+    counts = _non_finite_inputs(Encoder().eval(), BERT_MLP, x)
+    assert all(counts.values())  # the bad value reaches every layer
+    reached = {}
+    for allocation in ("uniform", "greedy"):
+        torch.manual_seed(0)
+        model = Encoder().eval()
+        with pytest.warns(CalibrationWarning) as caught:
+            sparsifier = sparsify(model, [x], target=0.5, allocation=allocation)
+        text = " ".join(str(w.message) for w in caught if w.category is CalibrationWarning)
+        for name, count in counts.items():
+            assert re.search(rf"{re.escape(name)}'? \({count} non-finite", text), text
+        levels = {n: r.target for n, r in sparsifier.thresholds.items()}
+        widths = {n: model.get_submodule(n).in_features for n in levels}
+        mean = sum(widths[n] * levels[n] for n in levels) / sum(widths.values())
+        assert math.isclose(mean, 0.5, abs_tol=1e-9), levels
+        reached[allocation] = _finite_sparsity(model, BERT_MLP, x)
+    assert reached["uniform"] == pytest.approx(0.5, abs=0.02), reached
+    assert reached["greedy"] == pytest.approx(0.5, abs=0.02), reached
 
 
 def test_rules_select_layers_like_register_layers() -> None:

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from actsparse.cli._app import CommandError
-from actsparse.core import SNIFF_BYTES, STRATEGY_KEYS, SerializationError, parse_state_dict
+from actsparse.core import (
+    SNIFF_BYTES,
+    STRATEGY_KEYS,
+    SerializationError,
+    ThresholdResult,
+    parse_state_dict,
+)
 
 __all__ = ["HELP", "configure", "run"]
 
@@ -166,10 +172,13 @@ def _print_inspection(report: dict[str, Any]) -> None:
         if threshold is None:
             print(f"    mask:          {_summarise(layer['mask'])}")
         else:
+            result = ThresholdResult(**threshold)
             reach = (
                 ""
-                if threshold["expected_sparsity"] <= threshold["target"] + 1e-9
-                else (", unreachable: the zeros alone exceed the target")
+                if result.reachable
+                else ", unreachable: the zeros alone exceed the target"
+                if result.zero_fraction > result.target
+                else ", unreachable: many inputs share the magnitude at the target"
             )
             print(
                 f"    threshold:     {threshold['threshold']:.6g} (target "

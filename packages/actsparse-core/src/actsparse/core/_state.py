@@ -50,6 +50,7 @@ __all__ = [
     "OFFSET_KEY",
     "SPARSIFY",
     "STATE_FORMAT_VERSION",
+    "SPARSITY_TOLERANCE",
     "STATE_KEYS",
     "STRATEGY_KEYS",
     "THRESHOLD_KEY",
@@ -105,6 +106,10 @@ HOOK_STATES = (AGGREGATE, SPARSIFY, DETACHED)
 #: layer (torch refuses to convert the threshold; the offset would become inf).
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
+#: How far a threshold's expected sparsity may lie from its target (one point) for the
+#: target to count as reached.
+SPARSITY_TOLERANCE = 0.01
+
 
 def _fraction(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not 0.0 <= float(value) <= 1.0:  # type: ignore[arg-type]
@@ -157,6 +162,9 @@ class ThresholdResult:
             (below the histogram's lowest edge) already.
     """
 
+    #: How far ``expected_sparsity`` may lie from ``target`` for :attr:`reachable`.
+    tolerance = SPARSITY_TOLERANCE
+
     threshold: float = attrs.field(converter=_threshold_number, validator=_threshold)
     target: float = attrs.field(converter=_target_number, validator=_fraction)
     expected_sparsity: float = attrs.field(converter=_expected_number, validator=_fraction)
@@ -164,8 +172,13 @@ class ThresholdResult:
 
     @property
     def reachable(self) -> bool:
-        """False when the zeros alone exceed the target: the layer overshoots it."""
-        return self.expected_sparsity <= self.target + 1e-9
+        """False when no threshold meets the target: the zeros alone exceed it (the
+        layer overshoots it), or the expected sparsity lies more than a point
+        (:data:`SPARSITY_TOLERANCE`) from it, because equal values (ties) fill the
+        histogram bin that holds the target."""
+        if self.zero_fraction > self.target + 1e-9:
+            return False
+        return abs(self.expected_sparsity - self.target) <= self.tolerance + 1e-9
 
     def to_dict(self) -> dict[str, float]:
         """The four fields as a plain dict, as a state dict stores them."""

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from actsparse.core import ActsparseError, ConfigError, get_registry
+from actsparse.core import ActsparseError, CalibrationWarning, ConfigError, get_registry
 from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import calibrate, run_batch
 from actsparse.hooks._execution import AUTO, DENSE
@@ -153,12 +154,22 @@ def first_output(output: Any) -> torch.Tensor | None:
 
 class OutputError:
     """``error()``: the relative squared error of the model's first output tensor on probe
-    batches, against the outputs recorded before any hook (real tokens only)."""
+    batches, against the outputs recorded before any hook (real tokens only).
+
+    Entries where the reference is NaN or inf are left out (``skipped`` counts
+    them); an output that is not finite where the reference is counts as an
+    infinite error.
+    """
 
     def __init__(self, model: nn.Module, probes: Sequence[Any], references: Sequence[Any]) -> None:
         self.model = model
         self.probes = list(probes)
-        self.references = list(references)
+        self.references = [
+            self.restrict(batch, reference)
+            for batch, reference in zip(self.probes, references, strict=True)
+        ]
+        self.finite = [reference.isfinite() for reference in self.references]
+        self.skipped = sum(int((~finite).sum()) for finite in self.finite)
 
     @staticmethod
     def restrict(batch: Any, tensor: torch.Tensor) -> torch.Tensor:
@@ -170,13 +181,17 @@ class OutputError:
     def __call__(self) -> float:
         num = den = 0.0
         with torch.no_grad():
-            for batch, reference in zip(self.probes, self.references, strict=True):
+            for batch, reference, finite in zip(
+                self.probes, self.references, self.finite, strict=True
+            ):
                 out = first_output(run_batch(self.model, batch))
                 if out is None:  # pragma: no cover - checked on the reference already
                     raise ConfigError("the model's output holds no tensor")
-                diff = self.restrict(batch, out.float() - reference)
-                num += float(diff.pow(2).sum())
-                den += float(self.restrict(batch, reference).pow(2).sum())
+                diff = self.restrict(batch, out.float()) - reference
+                num += float(diff[finite].pow(2).sum())
+                den += float(reference[finite].pow(2).sum())
+        if math.isnan(num):  # inf - inf: the output is not finite where the reference is
+            num = math.inf
         return num / den if den > 0 else num
 
 
@@ -338,6 +353,14 @@ def sparsify(
         sparsifier.squash_mask()
         if greedy:
             error = OutputError(model, probes, references)
+            if error.skipped:
+                warnings.warn(
+                    f"the model's outputs on the {probe_examples} probe example(s) hold "
+                    f"{error.skipped} NaN or inf values: the greedy allocation measures the "
+                    "error of sparsity without them",
+                    CalibrationWarning,
+                    stacklevel=2,
+                )
             table = layer_sensitivity(sparsifier, error, greedy_levels(level))
             sparsifier.retarget(allocate_greedy(table, level, _widths(sparsifier, names)))
         if kernel != DENSE:

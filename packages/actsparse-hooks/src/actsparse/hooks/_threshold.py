@@ -38,6 +38,8 @@ from torch.nn import functional as F
 
 from actsparse.core import (
     SPARSIFY,
+    ActsparseWarning,
+    CalibrationWarning,
     ConfigError,
     KernelStrategy,
     LayerNotFoundError,
@@ -59,12 +61,14 @@ __all__ = [
     "Threshold",
     "ValidPositions",
     "retarget",
+    "warn_skipped",
     "warn_unreachable",
 ]
 
 
-class SparsityTargetWarning(UserWarning):
-    """A layer's target sparsity cannot be reached by a magnitude threshold."""
+class SparsityTargetWarning(ActsparseWarning):
+    """A layer's target sparsity cannot be reached by a magnitude threshold: the zeros
+    alone exceed it, or equal values (ties) leave no threshold within a point of it."""
 
 
 @attrs.define
@@ -160,6 +164,8 @@ class Computed:
 
     outcome: Outcome
     reduced: Any
+    #: how many non-finite values the aggregate left out (``AggregateStrategy.skipped``)
+    skipped: int = 0
 
     @property
     def result(self) -> ThresholdResult:
@@ -432,7 +438,28 @@ class Threshold:
 
     def compute(self, layer: Layer, data: Any) -> Computed:
         reduced = layer.reduce_data(data, f"layer {layer.name!r}", "threshold")
-        return Computed(self.result_for(layer, reduced, layer.mask_options), reduced)
+        outcome = self.result_for(layer, reduced, layer.mask_options)
+        return Computed(outcome, reduced, self._skipped(layer, data))
+
+    @staticmethod
+    def _skipped(layer: Layer, data: Any) -> int:
+        """How many non-finite values the layer's aggregate left out of ``data``."""
+        skipped = layer.bound.skipped
+        if skipped is None:
+            return 0
+        try:
+            count = skipped(data)
+        except Exception as exc:
+            raise MaskError(
+                f"layer {layer.name!r}: aggregate {layer.aggregate.name!r} could not count the "
+                f"non-finite values it skipped: {exc!r}"
+            ) from exc
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise MaskError(
+                f"layer {layer.name!r}: aggregate {layer.aggregate.name!r} counted {count!r} "
+                "skipped values, not an int >= 0"
+            )
+        return count
 
     def store(self, computed: Computed) -> None:
         self.set_result(computed.outcome)
@@ -681,16 +708,48 @@ def retarget(layers: Mapping[str, Layer], levels: Mapping[str, Any]) -> None:
 
 def warn_unreachable(results: Mapping[str, ThresholdResult]) -> None:
     bad = {name: r for name, r in results.items() if not r.reachable}
+    zeros = {name: r for name, r in bad.items() if r.zero_fraction > r.target + 1e-9}
+    _warn_target(
+        zeros,
+        lambda r: f"zeros alone {r.zero_fraction:.3f}",
+        "no threshold reaches the target sparsity of layer(s) {}: their inputs hold more "
+        "zeros than the target, so they will be sparser than asked; see "
+        "sparsifier.thresholds for each layer's expected sparsity",
+    )
+    _warn_target(
+        {name: r for name, r in bad.items() if name not in zeros},
+        lambda r: f"reached {r.expected_sparsity:.3f}",
+        "the histogram places no threshold within a point of the target sparsity of "
+        "layer(s) {}: the bin of magnitudes that holds the target holds more than a point of "
+        "the calibration inputs, and they do not spread across it (equal values, a pile-up "
+        "at one magnitude such as a GELU's minimum, or too few inputs), so the threshold "
+        "sits at the nearer edge of that bin; sparsifier.thresholds holds what it zeroes of "
+        "the calibration inputs",
+    )
+
+
+def _warn_target(
+    results: Mapping[str, ThresholdResult], detail: Callable[[ThresholdResult], str], text: str
+) -> None:
+    """One :class:`SparsityTargetWarning`: ``text`` with the layers of ``results`` shown."""
+    if results:
+        shown = ", ".join(
+            f"{name!r} (target {r.target:.3f}, {detail(r)})" for name, r in results.items()
+        )
+        warnings.warn(text.format(shown), SparsityTargetWarning, stacklevel=4)
+
+
+def warn_skipped(skipped: Mapping[str, int]) -> None:
+    """One :class:`CalibrationWarning` naming every layer whose aggregate skipped
+    non-finite values, with each count."""
+    bad = {name: count for name, count in skipped.items() if count}
     if not bad:
         return
-    shown = ", ".join(
-        f"{name!r} (target {r.target:.3f}, zeros alone {r.zero_fraction:.3f})"
-        for name, r in bad.items()
-    )
+    shown = ", ".join(f"{name!r} ({count} non-finite values)" for name, count in bad.items())
     warnings.warn(
-        f"no threshold reaches the target sparsity of layer(s) {shown}: their inputs hold "
-        "more zeros than the target, so they will be sparser than asked; see "
-        "sparsifier.thresholds for each layer's expected sparsity",
-        SparsityTargetWarning,
+        f"calibration skipped NaN or inf among the inputs of layer(s) {shown}: their "
+        "thresholds come from the finite values alone; check the calibration data (or the "
+        "model, if a layer overflows)",
+        CalibrationWarning,
         stacklevel=3,
     )
