@@ -6,8 +6,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from actsparse.hooks import ActivationSparsifier
+
+
+class Recorder(TorchDispatchMode):
+    """Records the name of every aten operator that runs inside ``with Recorder():``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def same_state(left: Any, right: Any) -> bool:

@@ -157,3 +157,28 @@ def test_convert_masks_checks_sparse_indices_before_densifying() -> None:
         sparse=False,
     )
     assert torch.equal(dense["state"]["a"]["mask"], torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("state", "b", "threshold", "threshold"), 1e39, r"state\['b'\]\['threshold'\].*float32"),
+        (
+            ("state", "b", "offset"),
+            torch.tensor([0.5, -1e39], dtype=torch.float64),
+            r"state\['b'\]\['offset'\].*float32",
+        ),
+    ],
+    ids=["threshold", "offset"],
+)
+def test_numbers_beyond_float32_are_refused_naming_the_layer(
+    path: tuple[str, ...], value: object, message: str
+) -> None:
+    # a float32 layer cannot apply them: every forward pass would fail (or the offset
+    # would turn into inf), so the state is refused when it is read
+    with pytest.raises(SerializationError, match=message):
+        parse_state_dict(_set(path, value))
+    largest = float(torch.finfo(torch.float32).max)
+    parsed = parse_state_dict(_set(("state", "b", "threshold", "threshold"), largest))
+    assert parsed.layers["b"].threshold is not None
+    assert parsed.layers["b"].threshold.threshold == largest

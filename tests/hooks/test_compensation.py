@@ -13,6 +13,7 @@ from pathlib import Path
 import _thresholds as shared
 import pytest
 import torch
+from _support import Recorder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -94,19 +95,81 @@ def test_without_sums_the_strategy_returns_three_numbers_as_before() -> None:
 # ------------------------------------------------------------------ the runtime
 
 
-def test_the_layer_adds_the_contribution_of_the_offset_to_its_output() -> None:
+def _compensated_reference(
+    model: nn.Sequential, offset: torch.Tensor, threshold: float, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the last layer must give from its parameters as they are now, and the
+    gradients of ``sum()`` for its weight and bias, by autograd on the formula."""
+    weight = model[2].weight.detach().clone().requires_grad_()
+    bias = model[2].bias.detach().clone().requires_grad_()
+    with torch.no_grad():
+        zeroed = torch.nn.functional.hardshrink(model[1](model[0](x)), threshold)
+    with torch.enable_grad():
+        want = nn.functional.linear(zeroed, weight, bias) + weight @ offset.float()
+        want.sum().backward()
+    assert weight.grad is not None
+    assert bias.grad is not None
+    return want.detach(), weight.grad, bias.grad
+
+
+def _squashed() -> tuple[nn.Sequential, torch.Tensor, float, torch.Tensor]:
+    """A compensated model, its last layer's offset and threshold, and an input."""
     model = mlp()
     sparsifier = calibrated(model)
     offset = sparsifier.state_dict()["state"]["2"]["offset"]
-    threshold = sparsifier.thresholds["2"].threshold
-    x = data(seed=5, batches=1)[0]
+    return model, offset, sparsifier.thresholds["2"].threshold, data(seed=5, batches=1)[0]
+
+
+def test_the_layer_adds_the_contribution_of_the_offset_to_its_output() -> None:
+    model, offset, threshold, x = _squashed()
+    want = _compensated_reference(model, offset, threshold, x)[0]
     with torch.no_grad():
-        hidden = model[1](model[0](x))
-        zeroed = torch.nn.functional.hardshrink(hidden, threshold)
-        want = model[2].weight @ offset.float() + nn.functional.linear(
-            zeroed, model[2].weight, model[2].bias
-        )
         torch.testing.assert_close(model(x), want)
+
+
+def test_the_compensated_layer_follows_its_live_parameters_and_passes_gradients() -> None:
+    model, offset, threshold, x = _squashed()
+    layer = model[2]
+    with torch.no_grad():
+        before = model(x)
+        layer.bias.add_(1.0)  # an in-place edit
+        torch.testing.assert_close(model(x), before + 1.0)
+        layer.weight.mul_(0.5)
+        torch.testing.assert_close(model(x), _compensated_reference(model, offset, threshold, x)[0])
+    other = mlp(seed=3)[2]
+    layer.load_state_dict(other.state_dict())  # a copy into the parameters
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _compensated_reference(model, offset, threshold, x)[0])
+    layer.weight = nn.Parameter(torch.randn_like(layer.weight))  # a new parameter
+    layer.bias = nn.Parameter(torch.randn_like(layer.bias))
+    want, weight_grad, bias_grad = _compensated_reference(model, offset, threshold, x)
+    out = model(x)
+    torch.testing.assert_close(out.detach(), want)
+    out.sum().backward()
+    assert layer.bias.grad is not None
+    assert layer.weight.grad is not None
+    torch.testing.assert_close(layer.bias.grad, bias_grad)
+    torch.testing.assert_close(layer.weight.grad, weight_grad)  # the shift's share too
+
+
+def test_without_gradients_the_compensated_layer_runs_what_the_plain_one_runs() -> None:
+    # bias + W @ offset is kept between calls, computed again only after a change
+    plain, compensated = mlp(), mlp()
+    calibrated(plain, sums=False)
+    calibrated(compensated)
+    x = torch.randn(64, 32)
+    runs: dict[str, list[str]] = {}
+    with torch.no_grad():
+        for name, model in (("plain", plain), ("compensated", compensated)):
+            model[2](x)
+            with Recorder() as recorder:
+                model[2](x)
+            runs[name] = recorder.ops
+        compensated[2].bias.add_(1.0)
+        with Recorder() as recorder:
+            compensated[2](x)
+    assert runs["compensated"] == runs["plain"]
+    assert len(recorder.ops) > len(runs["plain"])  # the first call after the change
 
 
 def test_compensation_lowers_the_error_at_equal_sparsity() -> None:

@@ -8,12 +8,10 @@ never read a value back to the host (no ``.item()``-style sync).
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
+from _support import Recorder
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from actsparse.hooks import ActivationSparsifier
 
@@ -30,16 +28,6 @@ FORBIDDEN = (
     "aten.nonzero",
     "aten.is_nonzero",
 )
-
-
-class Recorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def hook_ops(phase: str, n_features: int, aggregate: str = "sum") -> list[str]:

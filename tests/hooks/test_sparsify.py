@@ -9,13 +9,14 @@ gives them. The decoder tests build a tiny random Llama with ``transformers``
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from actsparse.core import ConfigError, UnknownStrategyError
+from actsparse.core import CalibrationWarning, ConfigError, UnknownStrategyError
 from actsparse.hooks import PRESETS, ActivationSparsifier, sparsify
 
 
@@ -162,6 +163,66 @@ def test_greedy_allocation_meets_the_model_wide_target() -> None:
     assert sorted(hooked(model)) == BERT_MLP
 
 
+def _non_finite_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, int]:
+    """How many non-finite values each layer's input holds when the model runs on ``x``."""
+    counts = dict.fromkeys(names, 0)
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, name=name: counts.__setitem__(name, int((~a[0].isfinite()).sum()))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return counts
+
+
+def _finite_sparsity(model: nn.Module, names: list[str], x: torch.Tensor) -> float:
+    """The share of zeros among the finite input entries of the layers, on ``x``."""
+    zeros = total = 0
+
+    def count(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal zeros, total
+        finite = args[0][args[0].isfinite()]
+        zeros += int((finite == 0).sum())
+        total += finite.numel()
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(count) for name in names]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return zeros / total
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_calibration_value_is_skipped_counted_and_named(bad: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16)  # 512 entries, one of them bad
+    x[1, 2, 3] = bad
+    torch.manual_seed(0)
+    counts = _non_finite_inputs(Encoder().eval(), BERT_MLP, x)
+    assert all(counts.values())  # the bad value reaches every layer
+    reached = {}
+    for allocation in ("uniform", "greedy"):
+        torch.manual_seed(0)
+        model = Encoder().eval()
+        with pytest.warns(CalibrationWarning) as caught:
+            sparsifier = sparsify(model, [x], target=0.5, allocation=allocation)
+        text = " ".join(str(w.message) for w in caught if w.category is CalibrationWarning)
+        for name, count in counts.items():
+            assert re.search(rf"{re.escape(name)}'? \({count} non-finite", text), text
+        levels = {n: r.target for n, r in sparsifier.thresholds.items()}
+        widths = {n: model.get_submodule(n).in_features for n in levels}
+        mean = sum(widths[n] * levels[n] for n in levels) / sum(widths.values())
+        assert math.isclose(mean, 0.5, abs_tol=1e-9), levels
+        reached[allocation] = _finite_sparsity(model, BERT_MLP, x)
+    assert reached["uniform"] == pytest.approx(0.5, abs=0.02), reached
+    assert reached["greedy"] == pytest.approx(0.5, abs=0.02), reached
+
+
 def test_rules_select_layers_like_register_layers() -> None:
     model, batches = model_and_batches(2)
     sparsifier = sparsify(model, batches, target=0.25, layers={nn.Linear: None})
@@ -226,6 +287,44 @@ def test_unknown_and_unmatched_presets_list_the_presets() -> None:
     plain = nn.Sequential(nn.Linear(4, 4))
     _refused(plain, [torch.ones(2, 4)], ConfigError, "no preset matches.*'bert'.*'llama'")
     _refused(plain, [torch.ones(2, 4)], ConfigError, "must be a preset name", layers=3)
+
+
+class TwoFamilies(nn.Module):
+    """An encoder block named as "bert" expects beside a decoder block named as "llama"
+    expects: both presets match."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.encoder = Encoder(width, depth=1).encoder
+        self.layers = nn.ModuleList([nn.Module()])
+        self.layers[0].self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.layers[0].self_attn, name, nn.Linear(width, width))
+        self.layers[0].mlp = nn.Module()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self.layers[0].mlp, name, nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.encoder.layer[0](x)
+        attention, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        x = x + attention.o_proj(attention.q_proj(x) + attention.k_proj(x) + attention.v_proj(x))
+        return x + mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
+
+
+def test_auto_refuses_a_model_that_two_presets_match_and_names_both() -> None:
+    model = TwoFamilies()
+    batches = [torch.randn(4, 3, 8)]
+    _refused(
+        model,
+        batches,
+        ConfigError,
+        r"layers='auto'.*'bert' \(2 layers\).*'llama' \(7 layers\).*layers='bert'",
+    )
+    # naming one preset picks it; rules pick both
+    assert len(sparsify(model, batches, target=0.5, layers="llama").thresholds) == 7
+    both = TwoFamilies()
+    rules = [*PRESETS["bert"].rules(), *PRESETS["llama"].rules()]
+    assert len(sparsify(both, batches, target=0.5, layers=rules).thresholds) == 9
 
 
 def test_rules_that_select_nothing_are_refused() -> None:

@@ -144,6 +144,36 @@ def test_unreachable_target_is_reported_not_overshot_silently() -> None:
     assert torch.equal(seen[0], x)  # only the natural zeros, nothing more
 
 
+@pytest.mark.parametrize(
+    ("name", "inputs"),
+    [
+        ("constant", lambda g: torch.full((32, 16, 64), 0.7)),
+        ("around 1e6", lambda g: 1e6 * (1 + 0.1 * torch.randn((32, 16, 64), generator=g))),
+    ],
+)
+def test_the_expected_sparsity_is_what_the_layer_zeroes(name: str, inputs: Sampler) -> None:
+    model, sparsifier = make()
+    sparsifier.register_layer(model[1], sparsity_level=0.5)
+    x = inputs(torch.Generator().manual_seed(0))
+    model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsifier.step()
+    sparsifier.squash_mask()
+    result = sparsifier.thresholds["1"]
+    zeroed = sparsity_after(model, model[1], x)
+    assert abs(result.expected_sparsity - zeroed) <= 0.01, (result, zeroed)
+    ties = [w for w in caught if issubclass(w.category, SparsityTargetWarning)]
+    if name == "constant":  # every input has one magnitude: all or none are zeroed
+        assert not result.reachable
+        assert len(ties) == 1
+        assert "'1' (target 0.500, reached 0.000)" in str(ties[0].message)
+    else:
+        assert result.reachable
+        assert abs(zeroed - 0.5) <= 0.01
+        assert ties == []
+
+
 def test_reachable_target_after_relu_does_not_warn() -> None:
     model, sparsifier = make()
     sparsifier.register_layer(model[1], sparsity_level=0.6)

@@ -158,9 +158,17 @@ def threshold_table(sparsifier: Any) -> str:
     for name, result in thresholds.items():
         lines.append(
             f"{name:<{width}}  {result.threshold:>10.4g}  {result.expected_sparsity:>8.1%}  "
-            + ("yes" if result.reachable else "no (more zeros than the target)")
+            + _reach(result)
         )
     return "\n".join(lines)
+
+
+def _reach(result: Any) -> str:
+    if result.reachable:
+        return "yes"
+    if result.zero_fraction > result.target:
+        return "no (more zeros than the target)"
+    return "no (many inputs share the magnitude at the target)"
 
 
 def run_sparsify(

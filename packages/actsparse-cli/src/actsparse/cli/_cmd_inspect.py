@@ -17,6 +17,7 @@ from actsparse.core import (
     SPARSE_CONFIG_KEY,
     STRATEGY_KEYS,
     SerializationError,
+    ThresholdResult,
     parse_state_dict,
 )
 
@@ -175,10 +176,13 @@ def _print_inspection(report: dict[str, Any]) -> None:
         if threshold is None:
             print(f"    mask:          {_summarise(layer['mask'])}")
         else:
+            result = ThresholdResult(**threshold)
             reach = (
                 ""
-                if threshold["expected_sparsity"] <= threshold["target"] + 1e-9
-                else (", unreachable: the zeros alone exceed the target")
+                if result.reachable
+                else ", unreachable: the zeros alone exceed the target"
+                if result.zero_fraction > result.target
+                else ", unreachable: many inputs share the magnitude at the target"
             )
             print(
                 f"    threshold:     {threshold['threshold']:.6g} (target "

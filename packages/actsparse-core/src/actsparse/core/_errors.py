@@ -10,6 +10,8 @@ from __future__ import annotations
 
 __all__ = [
     "ActsparseError",
+    "ActsparseWarning",
+    "CalibrationWarning",
     "ConfigError",
     "DuplicateStrategyError",
     "LayerNotFoundError",
@@ -90,3 +92,21 @@ class PluginError(ActsparseError, RuntimeError):
 
 class SerializationError(ActsparseError, ValueError):
     """State could not be converted, written or read."""
+
+
+class ActsparseWarning(UserWarning):
+    """Base class of actsparse's warnings: :class:`CalibrationWarning`,
+    ``PluginWarning``, and ``actsparse.hooks``' ``SparsityTargetWarning``,
+    ``WorkflowWarning`` and ``KernelWarning``.
+
+    ``warnings.simplefilter("error", ActsparseWarning)`` turns them into
+    errors; each subclass names one situation.
+    """
+
+
+class CalibrationWarning(ActsparseWarning):
+    """Calibration left values out: NaN or inf among a layer's inputs.
+
+    The message names each layer and how many values were skipped; the
+    statistics come from the finite values alone.
+    """

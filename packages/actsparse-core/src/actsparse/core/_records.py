@@ -166,6 +166,8 @@ class BoundAggregate:
     feature_axis: Callable[[int, int], int] | None
     #: a named reduction (or one per row) as declared, or the callable with options applied
     combine: CombineSpec | None = None
+    #: ``skipped(accumulator) -> int``: how many non-finite values ``fn`` left out
+    skipped: Callable[[Any], int] | None = None
 
 
 def _bind(fn: Callable[..., Any] | None, options: Mapping[str, Any]) -> Any:
@@ -228,6 +230,12 @@ class AggregateStrategy:
             :class:`ConfigError` naming the key at fault; the runtime adds
             the layer's and the strategy's names. ``None``: values are
             checked only when the strategy runs, during calibration.
+        skipped: ``skipped(accumulator, **options) -> int``, for an aggregate
+            that leaves non-finite values (NaN, inf) out of its statistic:
+            how many it left out. ``step()`` reads it and warns with
+            :class:`CalibrationWarning`, naming each layer and its count.
+            ``None``: the aggregate skips nothing (a NaN then reaches the
+            reduced data, and ``step()`` refuses it).
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -252,6 +260,9 @@ class AggregateStrategy:
     )
     takes_valid: bool = attrs.field(default=False, validator=_of_type(bool))
     check: Callable[[Mapping[str, Any]], None] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
+    skipped: Callable[..., int] | None = attrs.field(
         default=None, validator=_check_optional_callable
     )
 
@@ -279,6 +290,7 @@ class AggregateStrategy:
             finalize=_bind(self.finalize, options),
             feature_axis=_bind(self.feature_axis, options),
             combine=_bind(self.combine, options) if callable(self.combine) else self.combine,
+            skipped=_bind(self.skipped, options),
         )
 
 

@@ -16,6 +16,7 @@ import pluggy
 
 from actsparse.core import _hookspecs
 from actsparse.core._errors import (
+    ActsparseWarning,
     ConfigError,
     DuplicateStrategyError,
     PluginError,
@@ -66,7 +67,7 @@ FIRST_PARTY_DISTRIBUTIONS = frozenset(
 )
 
 
-class PluginWarning(UserWarning):
+class PluginWarning(ActsparseWarning):
     """A third-party plugin was skipped."""
 
 

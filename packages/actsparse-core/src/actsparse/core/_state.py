@@ -59,6 +59,7 @@ __all__ = [
     "SPARSE_CONFIG_KEY",
     "SPARSIFY",
     "STATE_FORMAT_VERSION",
+    "SPARSITY_TOLERANCE",
     "STATE_KEYS",
     "STRATEGY_KEYS",
     "THRESHOLD_KEY",
@@ -131,6 +132,14 @@ DETACHED = "None"
 #: The values of ``hook_state``: which hook is attached.
 HOOK_STATES = (AGGREGATE, SPARSIFY, DETACHED)
 
+#: The largest float32: a threshold or offset beyond it cannot be applied to a float32
+#: layer (torch refuses to convert the threshold; the offset would become inf).
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+#: How far a threshold's expected sparsity may lie from its target (one point) for the
+#: target to count as reached.
+SPARSITY_TOLERANCE = 0.01
+
 
 def make_config(
     aggregate_fn: Any = None,
@@ -177,6 +186,11 @@ def _threshold(instance: object, attribute: attrs.Attribute[Any], value: object)
     number = float(value)  # type: ignore[arg-type]
     if not math.isfinite(number) or number < 0:
         raise ConfigError(f"ThresholdResult.threshold must be a finite number >= 0, got {value!r}")
+    if number > FLOAT32_MAX:
+        raise ConfigError(
+            f"ThresholdResult.threshold must be at most {FLOAT32_MAX!r}, the largest float32, "
+            f"got {value!r}: a float32 layer cannot apply it"
+        )
 
 
 def _number(name: str, value: object) -> float:
@@ -214,6 +228,9 @@ class ThresholdResult:
             (below the histogram's lowest edge) already.
     """
 
+    #: How far ``expected_sparsity`` may lie from ``target`` for :attr:`reachable`.
+    tolerance = SPARSITY_TOLERANCE
+
     threshold: float = attrs.field(converter=_threshold_number, validator=_threshold)
     target: float = attrs.field(converter=_target_number, validator=_fraction)
     expected_sparsity: float = attrs.field(converter=_expected_number, validator=_fraction)
@@ -221,8 +238,13 @@ class ThresholdResult:
 
     @property
     def reachable(self) -> bool:
-        """False when the zeros alone exceed the target: the layer overshoots it."""
-        return self.expected_sparsity <= self.target + 1e-9
+        """False when no threshold meets the target: the zeros alone exceed it (the
+        layer overshoots it), or the expected sparsity lies more than a point
+        (:data:`SPARSITY_TOLERANCE`) from it, because equal values (ties) fill the
+        histogram bin that holds the target."""
+        if self.zero_fraction > self.target + 1e-9:
+            return False
+        return abs(self.expected_sparsity - self.target) <= self.tolerance + 1e-9
 
     def to_dict(self) -> dict[str, float]:
         """The four fields as a plain dict, as a state dict stores them."""
@@ -499,7 +521,8 @@ def _threshold_of(value: object, where: str) -> ThresholdResult | None:
 
 
 def check_offset(value: object, where: str) -> torch.Tensor:
-    """``value`` if it is a non-empty 1-D dense floating tensor of finite numbers.
+    """``value`` if it is a non-empty 1-D dense floating tensor of finite numbers that
+    float32 holds (``|v| <= FLOAT32_MAX``).
 
     Raises:
         SerializationError: It is not (``where`` names it).
@@ -522,6 +545,11 @@ def check_offset(value: object, where: str) -> torch.Tensor:
         )
     if not bool(torch.isfinite(value).all()):
         raise SerializationError(f"{where} holds non-finite numbers")
+    if value.dtype.itemsize > 4 and bool((value.abs() > FLOAT32_MAX).any()):
+        raise SerializationError(
+            f"{where} holds numbers beyond float32's range (|v| > {FLOAT32_MAX!r}); a float32 "
+            "layer would add inf to its output"
+        )
     return value
 
 

@@ -89,7 +89,8 @@ def allocate_greedy(
     ``table`` comes from :func:`layer_sensitivity`; ``weights`` give each
     layer's share of the model-wide count (its input width, say, when every
     layer sees the same tokens). The last step is cut short so the weighted
-    mean equals ``target`` exactly, unless the grid's top levels fall short of it.
+    mean equals ``target`` exactly, unless the grid's top levels fall short of it
+    (or only steps of infinite error are left). An error that is NaN is refused.
     """
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
         raise ConfigError(f"target must be a number in [0, 1], got {target!r}")
@@ -98,6 +99,14 @@ def allocate_greedy(
     total = float(sum(weights.values()))
     if not all(w > 0 and math.isfinite(w) for w in weights.values()) or total <= 0:
         raise ConfigError("weights must be positive, finite numbers")
+    for name, row in table.items():
+        for level, value in row.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ConfigError(
+                    f"the error of layer {name!r} at level {level!r} is {value!r}, not a number: "
+                    "the greedy allocation cannot weigh it (an error() that returns NaN "
+                    "measured a NaN or inf; leave those out of it)"
+                )
     grids = {name: sorted(row) for name, row in table.items()}
     position = dict.fromkeys(table, 0)
     levels = {name: grids[name][0] for name in table}
@@ -110,7 +119,7 @@ def allocate_greedy(
                 continue
             gain = weights[name] / total * (grid[i + 1] - grid[i])
             cost = (table[name][grid[i + 1]] - table[name][grid[i]]) / gain
-            if cost < best_cost:
+            if cost < best_cost:  # a NaN cost (inf - inf) is never the best
                 best, best_cost = name, cost
         if best is None:
             break

@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from actsparse.core import (
+    ActsparseWarning,
     ConfigError,
     KernelStrategy,
     MaskError,
@@ -35,12 +36,11 @@ from actsparse.core import (
 )
 from actsparse.hooks._layer import Handle, Layer, MaskingMode
 from actsparse.hooks._threshold import (
+    Compensation,
     ForwardHandle,
     Threshold,
     ValidPositions,
-    output_shift,
     scored_zero,
-    shifted_forward,
 )
 
 __all__ = [
@@ -59,7 +59,7 @@ AUTO = "auto"
 DENSE = "dense"
 
 
-class KernelWarning(UserWarning):
+class KernelWarning(ActsparseWarning):
     """A kernel that would fit a layer cannot run on this machine; the dense path runs."""
 
 
@@ -131,11 +131,10 @@ class KernelThreshold(Threshold):
         if apply is None:  # the runtime's own dense path
             return super().sparsify(layer)
         limit = self.plan.limit
-        shift = output_shift(layer, self.offset)
+        offset = self.offset
+        compensation = None if offset is None else Compensation(layer, offset)
         own = (
-            type(module).forward.__get__(module)
-            if shift is None
-            else shifted_forward(module, shift)
+            type(module).forward.__get__(module) if compensation is None else compensation.forward()
         )
         scored = scored_zero(layer, threshold)
         zero: Callable[[torch.Tensor], torch.Tensor]
@@ -156,12 +155,11 @@ class KernelThreshold(Threshold):
                 return kernel_fast(scored(x))
 
             fast = scored_fast
-        if shift is not None:
-            unshifted = fast
+        if compensation is not None:
+            unshifted, added = fast, compensation.added
 
             def shifted_fast(x: torch.Tensor) -> Any:
-                out = unshifted(x)
-                return out + shift.to(device=out.device, dtype=out.dtype)
+                return added(unshifted(x))
 
             fast = shifted_fast
 

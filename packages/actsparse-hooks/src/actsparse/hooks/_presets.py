@@ -11,7 +11,8 @@ the module names that common model families use (the names of Hugging Face
   projection of a block (TEAL's set): ``self_attn.q_proj``, ``k_proj``,
   ``v_proj``, ``o_proj`` and ``mlp.gate_proj``, ``up_proj``, ``down_proj``.
 
-``"auto"`` picks the one preset that selects layers of the model.
+``"auto"`` picks the one preset that selects layers of the model; when two or
+more do, it refuses and names them, so that the choice is the user's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from actsparse.hooks._patterns import LayerRule
 
 __all__ = ["AUTO_PRESET", "PRESETS", "Preset", "resolve_layers"]
 
-#: ``layers="auto"``: the preset whose rules select layers of the model.
+#: ``layers="auto"``: the one preset whose rules select layers of the model.
 AUTO_PRESET = "auto"
 
 
@@ -50,6 +51,14 @@ class Preset:
             for index, rule in enumerate(rules):
                 hit[index] = hit[index] or rule.matches(name, module)
         return all(hit)
+
+    def count(self, model: nn.Module) -> int:
+        """How many layers of ``model`` the rules select."""
+        rules = self.rules()
+        return sum(
+            any(rule.matches(name, module) for rule in rules)
+            for name, module in model.named_modules()
+        )
 
 
 _PREFIX = r"(?:.*\.)?"
@@ -83,8 +92,8 @@ def resolve_layers(model: nn.Module, layers: object) -> Mapping[Any, Any] | Iter
 
     Raises:
         ConfigError: An unknown preset name, a preset that selects no layer of
-            ``model``, or ``"auto"`` when no preset does; the message lists the
-            presets.
+            ``model``, or ``"auto"`` when no preset or more than one does; the
+            message lists the presets (those that match, for more than one).
     """
     if not isinstance(layers, str):
         if isinstance(layers, (Mapping, list, tuple)):
@@ -101,6 +110,14 @@ def resolve_layers(model: nn.Module, layers: object) -> Mapping[Any, Any] | Iter
                 "layers='auto': no preset matches the module names of this "
                 f"{type(model).__name__}; presets: {_listing()}. Pass register_layers() "
                 "rules instead, such as {r'encoder\\.layer\\.\\d+\\.mlp\\.fc\\d': None}"
+            )
+        if len(found) > 1:
+            shown = ", ".join(f"{p.name!r} ({p.count(model)} layers)" for p in found)
+            raise ConfigError(
+                f"layers='auto': {len(found)} presets match the module names of this "
+                f"{type(model).__name__}: {shown}; auto does not choose between them. Pick "
+                f"one by name (layers={found[0].name!r}), or pass the rules of several "
+                f"(layers=[{', '.join(f'*PRESETS[{p.name!r}].rules()' for p in found)}])"
             )
         return found[0].rules()
     preset = PRESETS.get(layers)

@@ -29,6 +29,7 @@ from actsparse.core import (
     SPARSIFY,
     THRESHOLD_KEY,
     ActsparseError,
+    ActsparseWarning,
     ConfigError,
     DataGroup,
     LayerNotFoundError,
@@ -56,13 +57,14 @@ from actsparse.hooks._threshold import (
     Threshold,
     ValidPositions,
     retarget,
+    warn_skipped,
     warn_unreachable,
 )
 
 __all__ = ["ActivationSparsifier", "WorkflowWarning"]
 
 
-class WorkflowWarning(UserWarning):
+class WorkflowWarning(ActsparseWarning):
     """A call that torch.ao accepts silently but that probably does not do what was meant.
 
     ``squash_mask()`` after forward passes without ``step()``, ``step()`` with no
@@ -646,7 +648,9 @@ class ActivationSparsifier:
             masks = {name: layer.compute(datas[name]) for name, layer in self._layers.items()}
         for name, layer in self._layers.items():
             layer.store(masks[name])
-        warn_unreachable({n: m.result for n, m in masks.items() if isinstance(m, Computed)})
+        computed = {n: m for n, m in masks.items() if isinstance(m, Computed)}
+        warn_skipped({n: m.skipped for n, m in computed.items()})
+        warn_unreachable({n: m.result for n, m in computed.items()})
 
     def _step_problem(self, *, combining: bool) -> ActsparseError | None:
         """The error that keeps step() from running on this process, or None."""

@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from actsparse.core import LAYER_KEY, ActsparseError, ConfigError, MaskStrategy, get_registry
+from actsparse.core import (
+    LAYER_KEY,
+    ActsparseError,
+    CalibrationWarning,
+    ConfigError,
+    MaskStrategy,
+    get_registry,
+)
 from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
 from actsparse.hooks._calibrate import calibrate, run_batch
 from actsparse.hooks._execution import DENSE, check_kernel_name
@@ -145,12 +153,22 @@ def first_output(output: Any) -> torch.Tensor | None:
 
 class OutputError:
     """``error()``: the relative squared error of the model's first output tensor on probe
-    batches, against the outputs recorded before any hook (real tokens only)."""
+    batches, against the outputs recorded before any hook (real tokens only).
+
+    Entries where the reference is NaN or inf are left out (``skipped`` counts
+    them); an output that is not finite where the reference is counts as an
+    infinite error.
+    """
 
     def __init__(self, model: nn.Module, probes: Sequence[Any], references: Sequence[Any]) -> None:
         self.model = model
         self.probes = list(probes)
-        self.references = list(references)
+        self.references = [
+            self.restrict(batch, reference)
+            for batch, reference in zip(self.probes, references, strict=True)
+        ]
+        self.finite = [reference.isfinite() for reference in self.references]
+        self.skipped = sum(int((~finite).sum()) for finite in self.finite)
 
     @staticmethod
     def restrict(batch: Any, tensor: torch.Tensor) -> torch.Tensor:
@@ -162,13 +180,17 @@ class OutputError:
     def __call__(self) -> float:
         num = den = 0.0
         with torch.no_grad():
-            for batch, reference in zip(self.probes, self.references, strict=True):
+            for batch, reference, finite in zip(
+                self.probes, self.references, self.finite, strict=True
+            ):
                 out = first_output(run_batch(self.model, batch))
                 if out is None:  # pragma: no cover - checked on the reference already
                     raise ConfigError("the model's output holds no tensor")
-                diff = self.restrict(batch, out.float() - reference)
-                num += float(diff.pow(2).sum())
-                den += float(self.restrict(batch, reference).pow(2).sum())
+                diff = self.restrict(batch, out.float()) - reference
+                num += float(diff[finite].pow(2).sum())
+                den += float(reference[finite].pow(2).sum())
+        if math.isnan(num):  # inf - inf: the output is not finite where the reference is
+            num = math.inf
         return num / den if den > 0 else num
 
 
@@ -252,8 +274,8 @@ def sparsify(
             layers' input entries that are zeroed, each layer counted by its
             input width.
         layers: A preset name (``"auto"``: the one whose module names the model
-            has; ``"bert"``; ``"llama"``) or the rules of
-            :meth:`~ActivationSparsifier.register_layers`.
+            has, refused when several presets match; ``"bert"``; ``"llama"``)
+            or the rules of :meth:`~ActivationSparsifier.register_layers`.
         allocation: ``"greedy"`` (the default): each layer's error alone is
             measured on the probe examples at 0.5, 1, 1.5 and 2 times
             ``target`` (at most 0.95; :func:`layer_sensitivity`), then
@@ -279,7 +301,8 @@ def sparsify(
 
     Raises:
         ConfigError: A bad argument, an unknown preset or one that selects no
-            layer, no batch, or a first batch that the model rejects. Nothing
+            layer, ``"auto"`` on a model that no preset or several presets
+            match, no batch, or a first batch that the model rejects. Nothing
             is attached to the model then.
         UnknownStrategyError: No kernel or mask strategy of that name.
 
@@ -330,6 +353,14 @@ def sparsify(
         sparsifier.squash_mask()
         if greedy:
             error = OutputError(model, probes, references)
+            if error.skipped:
+                warnings.warn(
+                    f"the model's outputs on the {probe_examples} probe example(s) hold "
+                    f"{error.skipped} NaN or inf values: the greedy allocation measures the "
+                    "error of sparsity without them",
+                    CalibrationWarning,
+                    stacklevel=2,
+                )
             table = layer_sensitivity(sparsifier, error, greedy_levels(level))
             sparsifier.retarget(allocate_greedy(table, level, _widths(sparsifier, names)))
         if kernel != DENSE:

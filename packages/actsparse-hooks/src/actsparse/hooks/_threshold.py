@@ -12,8 +12,9 @@ A strategy with a ``scale`` (``weighted_threshold``) scores ``|x_i| * c_i``:
 the aggregate receives ``x * c``, and the hook zeroes ``|x_i| <= t / c_i``
 with a bound built when the hook is attached. A strategy that returns an
 offset (``target_threshold`` on ``abs_histogram(feature_sums=True)``)
-compensates its zeros: a forward hook adds ``f(offset) - f(0)``, computed
-once, to the layer's output.
+compensates its zeros: the layer adds ``f(offset) - f(0)`` (``W @ offset`` for
+a Linear, folded into its bias) to its output, from its parameters as they are
+at each call (:class:`Compensation`).
 
 Valid positions: inside ``with sparsifier.valid_positions(mask):`` the
 aggregate of every threshold-mode layer receives ``valid=mask`` reshaped to
@@ -28,7 +29,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import torch
@@ -37,6 +38,8 @@ from torch.nn import functional as F
 
 from actsparse.core import (
     SPARSIFY,
+    ActsparseWarning,
+    CalibrationWarning,
     ConfigError,
     LayerNotFoundError,
     LayerState,
@@ -55,6 +58,7 @@ __all__ = [
     "Threshold",
     "ValidPositions",
     "retarget",
+    "warn_skipped",
     "warn_unreachable",
 ]
 
@@ -63,8 +67,9 @@ __all__ = [
 T = TypeVar("T", bound="Threshold")
 
 
-class SparsityTargetWarning(UserWarning):
-    """A layer's target sparsity cannot be reached by a magnitude threshold."""
+class SparsityTargetWarning(ActsparseWarning):
+    """A layer's target sparsity cannot be reached by a magnitude threshold: the zeros
+    alone exceed it, or equal values (ties) leave no threshold within a point of it."""
 
 
 @attrs.define
@@ -160,6 +165,8 @@ class Computed:
 
     outcome: Outcome
     reduced: Any
+    #: how many non-finite values the aggregate left out (``AggregateStrategy.skipped``)
+    skipped: int = 0
 
     @property
     def result(self) -> ThresholdResult:
@@ -177,68 +184,154 @@ class _Handles:
             handle.remove()
 
 
-def output_shift(layer: Layer, offset: torch.Tensor | None) -> torch.Tensor | None:
-    """What the zeroed values would have added to the layer's output: ``f(offset) - f(0)``
-    for the module's own forward ``f`` (``W @ offset`` for a Linear), built once."""
-    if offset is None:
-        return None
-    module = layer.module
-    weight = getattr(module, "weight", None)
-    like = weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() else offset
-    m = offset.to(device=like.device, dtype=like.dtype)
-    forward = type(module).forward
-    try:
-        with torch.no_grad():
-            shift: torch.Tensor = forward(module, m) - forward(module, torch.zeros_like(m))
-    except Exception as exc:
-        raise MaskError(
-            f"layer {layer.name!r}: the offset that compensates its zeros needs the layer to "
-            f"take one input of {m.numel()} features, and it raised {exc!r}"
-        ) from exc
-    return shift.detach()
-
-
-def _shifted(layer: Layer, shift: torch.Tensor) -> Any:
-    def compensate_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if not isinstance(output, torch.Tensor):
-            raise ConfigError(
-                f"layer {layer.name!r}: a compensating threshold adds to the layer's output, "
-                f"which is a {type(output).__name__}, not a tensor"
-            )
-        # a no-op unless the model moved to another device or dtype after squashing
-        return output + shift.to(device=output.device, dtype=output.dtype)
-
-    return compensate_hook
-
-
 def _plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` computes ``F.linear(x, weight, bias)``: an ``nn.Linear`` whose
     class keeps ``nn.Linear.forward``."""
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def shifted_forward(module: nn.Module, shift: torch.Tensor) -> Callable[..., Any]:
-    """``module``'s own forward plus ``shift``: for a plain ``nn.Linear`` one
-    ``F.linear`` with ``bias + shift`` (built here, once), so the shift costs nothing
-    per call; for any other module the forward, then one addition."""
-    if isinstance(module, nn.Linear) and _plain_linear(module):
-        linear_module = module
-        bias = linear_module.bias
-        shifted_bias = shift if bias is None else (bias.detach() + shift)
+def _stamp(tensors: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """What tells whether ``tensors`` still hold the values they held: each one's
+    identity, version counter, storage, dtype and device; None if one is an inference
+    tensor, which keeps no version counter."""
+    out: list[Any] = []
+    for tensor in tensors:
+        if tensor is None:
+            out.append(None)
+        elif tensor.is_inference():
+            return None
+        else:
+            out.append(
+                (id(tensor), tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device)
+            )
+    return tuple(out)
 
-        def linear(x: torch.Tensor) -> torch.Tensor:
-            weight = linear_module.weight
-            # a no-op unless the model moved to another device or dtype after squashing
-            return F.linear(x, weight, shifted_bias.to(device=weight.device, dtype=weight.dtype))
 
-        return linear
-    own = type(module).forward.__get__(module)
+def _wants_graph(tensors: tuple[Any, ...]) -> bool:
+    """Whether the shift must be computed in the graph: under torch.compile or
+    torch.export, or with a gradient to compute for one of ``tensors``."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
-    def shifted(*args: Any, **kwargs: Any) -> Any:
-        out = own(*args, **kwargs)
-        return out + shift.to(device=out.device, dtype=out.dtype)
 
-    return shifted
+class Compensation:
+    """What a compensating threshold adds to its layer's output, from the layer's
+    parameters as they are at each call: ``f(offset) - f(0)`` for the module's own
+    forward ``f``, ``W @ offset`` for a Linear.
+
+    With a gradient to compute (grad mode on and a parameter that requires it), and
+    under torch.compile or torch.export, the shift is computed in the graph at every
+    call (one matrix-vector product for a Linear), so the gradients of the weight
+    include its share. Otherwise a detached copy is kept, and computed again on the
+    first call after a parameter or buffer changed: replaced, edited in place (its
+    version counter moved: ``add_``, ``copy_``, ``load_state_dict``, an optimizer
+    step), or moved to another device or dtype. An edit through ``.data`` moves no
+    version counter and is not seen, as autograd does not see it. For a plain
+    ``nn.Linear`` the kept copy is ``bias + shift``: the layer stays one
+    ``F.linear`` call.
+    """
+
+    def __init__(self, layer: Layer, offset: torch.Tensor) -> None:
+        self._layer = layer
+        self._module = layer.module
+        self._offset = offset.detach()
+        self.linear = _plain_linear(layer.module)
+        self._stamp: tuple[Any, ...] | None = None
+        # the tensors stamped, held so that their ids stay theirs
+        self._held: tuple[Any, ...] = ()
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+        # a module that cannot take the offset fails here, when the hook is attached
+        self._kept(self._tensors())
+
+    def _tensors(self) -> tuple[Any, ...]:
+        module = self._module
+        if self.linear:
+            return (module.weight, module.bias)
+        return (*module.parameters(), *module.buffers())
+
+    def _offset_like(self, like: object) -> torch.Tensor:
+        # a no-op unless the model moved to another device or dtype after squashing
+        ref = like if isinstance(like, torch.Tensor) and like.is_floating_point() else self._offset
+        return self._offset.to(device=ref.device, dtype=ref.dtype)
+
+    def compute(self) -> torch.Tensor:
+        """The shift from the parameters as they are now, in the graph."""
+        module = self._module
+        m = self._offset_like(getattr(module, "weight", None))
+        if self.linear:
+            return torch.mv(cast(nn.Linear, module).weight, m)
+        forward = type(module).forward
+        try:
+            shift: torch.Tensor = forward(module, m) - forward(module, torch.zeros_like(m))
+        except Exception as exc:
+            raise MaskError(
+                f"layer {self._layer.name!r}: the offset that compensates its zeros needs the "
+                f"layer to take one input of {m.numel()} features, and it raised {exc!r}"
+            ) from exc
+        return shift
+
+    def _kept(self, tensors: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shift, bias + shift)`` detached (the second is the shift alone unless the
+        module is a plain Linear with a bias), computed again when one of ``tensors``
+        changed."""
+        stamp = _stamp(tensors)
+        if stamp is None or stamp != self._stamp or self._value is None:
+            # never an inference tensor, so the model can still be trained afterwards
+            with torch.no_grad(), torch.inference_mode(False):
+                shift = self.compute().detach()
+                bias = tensors[1] if self.linear else None
+                folded = shift if bias is None else (bias + shift).detach()
+            self._value, self._stamp, self._held = (shift, folded), stamp, tensors
+        return self._value
+
+    def shift(self) -> torch.Tensor:
+        """The shift for this call: in the graph when it must be, else the kept copy."""
+        tensors = self._tensors()
+        if _wants_graph(tensors):
+            return self.compute()
+        return self._kept(tensors)[0]
+
+    def linear_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A plain ``nn.Linear``'s forward plus the shift: one ``F.linear`` whose bias is
+        ``bias + W @ offset``."""
+        module = cast(nn.Linear, self._module)
+
+        def compensated_linear(x: torch.Tensor) -> torch.Tensor:
+            weight, bias = module.weight, module.bias
+            tensors = (weight, bias)
+            if _wants_graph(tensors):
+                m = self._offset_like(weight)
+                full = torch.mv(weight, m) if bias is None else torch.addmv(bias, weight, m)
+                return F.linear(x, weight, full)
+            return F.linear(x, weight, self._kept(tensors)[1])
+
+        return compensated_linear
+
+    def added(self, output: Any) -> Any:
+        """``output`` plus the shift."""
+        if not isinstance(output, torch.Tensor):
+            raise ConfigError(
+                f"layer {self._layer.name!r}: a compensating threshold adds to the layer's "
+                f"output, which is a {type(output).__name__}, not a tensor"
+            )
+        # .to: a no-op unless the model moved to another device or dtype after squashing
+        return output + self.shift().to(device=output.device, dtype=output.dtype)
+
+    def forward(self) -> Callable[..., Any]:
+        """The module's own forward plus the shift."""
+        if self.linear:
+            return self.linear_forward()
+        own = type(self._module).forward.__get__(self._module)
+
+        def shifted(*args: Any, **kwargs: Any) -> Any:
+            return self.added(own(*args, **kwargs))
+
+        return shifted
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        """A forward hook that adds the shift to the output."""
+        return self.added(output)
 
 
 class ForwardHandle:
@@ -330,7 +423,7 @@ class Threshold:
         if result is None:  # squash_mask() and load_state_dict() refuse this
             raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
         threshold = result.threshold
-        shift = output_shift(layer, self._offset)
+        compensation = None if self._offset is None else Compensation(layer, self._offset)
         zero = scored_zero(layer, threshold)
         if zero is not None:
 
@@ -341,15 +434,15 @@ class Threshold:
             handle = layer.module.register_forward_pre_hook(scored_sparsify_hook)
         else:
             handle = layer.module.register_forward_pre_hook(self._plain_hook(layer, threshold))
-        if shift is None:
+        if compensation is None:
             return handle
         module = layer.module
-        if _plain_linear(module):
-            # the shift joins the bias: the same one F.linear call as before
-            forward = shifted_forward(module, shift)
+        if compensation.linear:
+            # the shift joins the bias: one F.linear call, as without compensation
+            forward = compensation.linear_forward()
             module.__dict__["forward"] = forward
             return _Handles(handle, ForwardHandle(module, forward))
-        return _Handles(handle, module.register_forward_hook(_shifted(layer, shift)))
+        return _Handles(handle, module.register_forward_hook(compensation.hook))
 
     @staticmethod
     def _plain_hook(layer: Layer, threshold: float) -> PreHook:
@@ -366,7 +459,28 @@ class Threshold:
 
     def compute(self, layer: Layer, data: Any) -> Computed:
         reduced = layer.reduce_data(data, f"layer {layer.name!r}", "threshold")
-        return Computed(self.result_for(layer, reduced, layer.mask_options), reduced)
+        outcome = self.result_for(layer, reduced, layer.mask_options)
+        return Computed(outcome, reduced, self._skipped(layer, data))
+
+    @staticmethod
+    def _skipped(layer: Layer, data: Any) -> int:
+        """How many non-finite values the layer's aggregate left out of ``data``."""
+        skipped = layer.bound.skipped
+        if skipped is None:
+            return 0
+        try:
+            count = skipped(data)
+        except Exception as exc:
+            raise MaskError(
+                f"layer {layer.name!r}: aggregate {layer.aggregate.name!r} could not count the "
+                f"non-finite values it skipped: {exc!r}"
+            ) from exc
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise MaskError(
+                f"layer {layer.name!r}: aggregate {layer.aggregate.name!r} counted {count!r} "
+                "skipped values, not an int >= 0"
+            )
+        return count
 
     def store(self, computed: Computed) -> None:
         self.set_result(computed.outcome)
@@ -499,16 +613,48 @@ def retarget(layers: Mapping[str, Layer], levels: Mapping[str, Any]) -> None:
 
 def warn_unreachable(results: Mapping[str, ThresholdResult]) -> None:
     bad = {name: r for name, r in results.items() if not r.reachable}
+    zeros = {name: r for name, r in bad.items() if r.zero_fraction > r.target + 1e-9}
+    _warn_target(
+        zeros,
+        lambda r: f"zeros alone {r.zero_fraction:.3f}",
+        "no threshold reaches the target sparsity of layer(s) {}: their inputs hold more "
+        "zeros than the target, so they will be sparser than asked; see "
+        "sparsifier.thresholds for each layer's expected sparsity",
+    )
+    _warn_target(
+        {name: r for name, r in bad.items() if name not in zeros},
+        lambda r: f"reached {r.expected_sparsity:.3f}",
+        "the histogram places no threshold within a point of the target sparsity of "
+        "layer(s) {}: the bin of magnitudes that holds the target holds more than a point of "
+        "the calibration inputs, and they do not spread across it (equal values, a pile-up "
+        "at one magnitude such as a GELU's minimum, or too few inputs), so the threshold "
+        "sits at the nearer edge of that bin; sparsifier.thresholds holds what it zeroes of "
+        "the calibration inputs",
+    )
+
+
+def _warn_target(
+    results: Mapping[str, ThresholdResult], detail: Callable[[ThresholdResult], str], text: str
+) -> None:
+    """One :class:`SparsityTargetWarning`: ``text`` with the layers of ``results`` shown."""
+    if results:
+        shown = ", ".join(
+            f"{name!r} (target {r.target:.3f}, {detail(r)})" for name, r in results.items()
+        )
+        warnings.warn(text.format(shown), SparsityTargetWarning, stacklevel=4)
+
+
+def warn_skipped(skipped: Mapping[str, int]) -> None:
+    """One :class:`CalibrationWarning` naming every layer whose aggregate skipped
+    non-finite values, with each count."""
+    bad = {name: count for name, count in skipped.items() if count}
     if not bad:
         return
-    shown = ", ".join(
-        f"{name!r} (target {r.target:.3f}, zeros alone {r.zero_fraction:.3f})"
-        for name, r in bad.items()
-    )
+    shown = ", ".join(f"{name!r} ({count} non-finite values)" for name, count in bad.items())
     warnings.warn(
-        f"no threshold reaches the target sparsity of layer(s) {shown}: their inputs hold "
-        "more zeros than the target, so they will be sparser than asked; see "
-        "sparsifier.thresholds for each layer's expected sparsity",
-        SparsityTargetWarning,
+        f"calibration skipped NaN or inf among the inputs of layer(s) {shown}: their "
+        "thresholds come from the finite values alone; check the calibration data (or the "
+        "model, if a layer overflows)",
+        CalibrationWarning,
         stacklevel=3,
     )

@@ -14,6 +14,7 @@ from actsparse.masks._histogram import (
     abs_histogram_aggregate,
     column_norm,
     finalize_histogram,
+    histogram_skipped,
     init_histogram,
     target_threshold,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "column_norm",
     "feature_axis",
     "finalize_histogram",
+    "histogram_skipped",
     "finalize_max",
     "finalize_mean",
     "identity_reduce",

@@ -21,6 +21,7 @@ from actsparse.masks._histogram import (
     check_abs_histogram,
     column_norm,
     finalize_histogram,
+    histogram_skipped,
     init_histogram,
     target_threshold,
 )
@@ -104,6 +105,7 @@ def actsparse_aggregate_strategies() -> list[AggregateStrategy]:
             combine="sum",
             takes_valid=True,
             check=check_abs_histogram,
+            skipped=histogram_skipped,
             description="log-spaced histogram of |x| over all positions (bounded memory), "
             "for target_threshold; feature_sums=True also keeps signed sums per feature for "
             "the offset that compensates the zeros",
