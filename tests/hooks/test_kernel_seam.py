@@ -220,3 +220,10 @@ def test_a_kernel_layer_compiles_without_graph_breaks(kernel: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(run(x), model(x))
         torch.testing.assert_close(run(torch.randn(6, 8)).shape, torch.Size([6, 4]))
+
+
+def test_the_kernel_warning_is_one_of_actsparses_warnings() -> None:
+    from actsparse.core import ActsparseWarning
+
+    assert issubclass(KernelWarning, ActsparseWarning)
+    assert issubclass(KernelWarning, UserWarning)
