@@ -96,12 +96,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def triton(session: nox.Session) -> None:
-    """The Triton kernel's tests (tests/kernels/triton_sparse) without a GPU, under Triton's
-    interpreter.
+    """The Triton kernel's tests (tests/kernels/triton_sparse, and the kernel contract for it)
+    without a GPU, under Triton's interpreter.
 
     ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors, slowly: small shapes
-    only. The workspace comes with the ``actsparse-kernels[triton]`` extra, the
-    extra's triton pinned. On a machine with a CUDA device, ``pytest tests/kernels``
+    only; under it ``triton_sparse`` computes float16 and bfloat16 CPU layers, so the
+    contract suite (tests/kernels/test_contract.py) checks it as well. The workspace
+    comes with the ``actsparse-kernels[triton]`` extra, the extra's triton pinned. On a
+    machine with a CUDA device, ``pytest tests/kernels``
     without the variable runs the same tests on the GPU. (No folder of tests/ may be
     named ``triton``: tests/ is on ``sys.path``, and ``import triton`` would find it.)
     """
@@ -111,7 +113,7 @@ def triton(session: nox.Session) -> None:
     install(session, *args, *TRITON_DEPS, "pytest>=8", "hypothesis>=6.100", "numpy")
     session.run(
         "pytest",
-        *(session.posargs or ("tests/kernels/triton_sparse",)),
+        *(session.posargs or ("tests/kernels/triton_sparse", "tests/kernels/test_contract.py")),
         env={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
     )
 

@@ -57,7 +57,13 @@ def no_triton(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def triton_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def not_interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's interpreter is off, as in a user's process (``nox -s triton`` turns it on)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def triton_without_gpu(monkeypatch: pytest.MonkeyPatch, not_interpreted: None) -> None:
     """triton imports (a stand-in where it is not installed) and torch sees no GPU."""
     try:
         import triton  # noqa: F401
@@ -95,7 +101,7 @@ def test_the_kernel_is_registered_by_actsparse_kernels() -> None:
     assert "actsparse-kernels[triton]" in record.description
 
 
-def test_supports_only_half_precision_cuda_linears() -> None:
+def test_supports_only_half_precision_cuda_linears(not_interpreted: None) -> None:
     supports = _record().supports
     assert "nn.Linear" in str(supports(nn.Conv1d(2, 2, 1)))
     assert "on cpu, and the kernel runs on CUDA" in str(supports(nn.Linear(4, 4).half()))
@@ -211,6 +217,21 @@ def test_a_layer_the_kernel_would_compute_runs_dense_with_a_warning(
 
 
 # ------------------------------------------------------------------ the op without the kernel
+
+
+def test_under_the_interpreter_it_computes_cpu_layers_and_never_wins_auto(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("triton", reason="triton is not installed (the triton extra)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    record = _record()
+    if interpreted_kernels() is None:
+        pytest.skip("Triton's interpreter was not on when its kernel module was first imported")
+    assert record.supports(nn.Linear(4, 4).half()) is None
+    assert record.supports(nn.Linear(4, 4)) is not None  # float32: not a dtype it computes
+    assert record.unavailable() is None
+    assert record.crossover is not None
+    assert record.crossover(nn.Linear(4, 4).half(), 0.5) == 0
 
 
 def test_the_op_on_cpu_is_the_dense_reference_unless_interpreted() -> None:
