@@ -56,7 +56,11 @@ from actsparse.hooks import ActivationSparsifier
 
 
 def peak_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: after exec, ru_maxrss starts from the parent's resident size,
+    # which would hide as much growth as pytest holds
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 def limit_address_space(nbytes):
     resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
