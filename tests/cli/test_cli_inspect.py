@@ -11,6 +11,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+import _bombs
 import pytest
 import torch
 from _seed import run_seed_workflow
@@ -499,3 +500,41 @@ def test_threshold_layers_show_their_threshold(
     assert f"threshold:     {expected.threshold:.6g} (target 0.4, expected sparsity" in out
     assert "unreachable" not in out
     assert "mask:" not in out.split("features:", 1)[1]
+
+
+# ------------------------------------------------- files that stand for far more
+
+
+@pytest.mark.parametrize("case", _bombs.MASK_BOMBS)
+def test_a_1_kb_file_that_declares_1e8_mask_elements_is_one_line_in_bounded_memory(
+    tmp_path: Path, case: str
+) -> None:
+    """Once 1.2 GiB of resident memory to inspect a run-length mask of 792 bytes."""
+    path = tmp_path / f"{case}.bin"
+    path.write_bytes(_bombs.mask_bomb(case))
+    result = _bombs.measure("inspect", path)
+    assert result["growth"] < _bombs.GROWTH_LIMIT, result
+    assert result["kind"] == "exit 1", result
+    assert_one_line_error(1, "", result["message"], str(path))
+    if case != "torch-coo":  # a sparse tensor in a torch file is refused as such
+        assert f"declares {_bombs.DECLARED} elements" in result["message"]
+        assert f"ACTSPARSE_MAX_ELEMENTS={_bombs.DECLARED}" in result["message"]
+
+
+def test_a_deflate_bomb_is_one_line_in_bounded_memory(tmp_path: Path) -> None:
+    path = _bombs.write_deflate_bomb(tmp_path / "bomb.pt")
+    result = _bombs.measure("inspect", path)
+    assert result["growth"] < _bombs.GROWTH_LIMIT, result
+    assert result["kind"] == "exit 1", result
+    assert_one_line_error(1, "", result["message"], f"{path}: zip member 'bomb/data/0' declares")
+
+
+def test_a_mask_of_2_23_elements_in_a_small_file_is_inspected_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    """The most that a small file may declare: counting its zeros copies nothing."""
+    path = tmp_path / "rle.safetensors"
+    path.write_bytes(_bombs.mask_bomb("rle", elements=2**23, dtype="bool"))
+    result = _bombs.measure("inspect", path)
+    assert result["kind"] == "exit 0", result
+    assert result["growth"] < 2**23 + 32 * 2**20, result  # the mask's bytes, and a little

@@ -23,21 +23,22 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import _bombs
 import pytest
 import torch
+from _bombs import full_state, signed_with_mask, small_model, stepped, torch_file_with
 from _support import same_state
 
 import actsparse.serialize as serialize
-from actsparse.core import CONFIG_KEYS, ConfigError, SerializationError
+from actsparse.core import ConfigError, SerializationError
 from actsparse.hooks import ActivationSparsifier
 from actsparse.serialize._formats import (
-    TORCH_FORMAT_NAME,
     pack,
     pack_text,
-    safetensors_dumps,
     torch_dumps,
     unpack,
 )
+from actsparse.serialize._limits import MIN_FILE_ELEMENTS
 
 #: The address space a child may use after importing torch and actsparse.
 ADDRESS_SPACE = 1536 * 1024 * 1024
@@ -56,7 +57,11 @@ from actsparse.hooks import ActivationSparsifier
 
 
 def peak_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: after exec, ru_maxrss starts from the parent's resident size,
+    # which would hide as much growth as pytest holds
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 def limit_address_space(nbytes):
     resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
@@ -77,14 +82,6 @@ def attempt(call):
         kind, message = "loaded", ""
     return {"kind": kind, "message": message, "seconds": time.perf_counter() - start}
 """
-
-
-def full_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A valid state dict around ``state``: one plain data group per layer, full defaults."""
-    config = dict.fromkeys(CONFIG_KEYS)
-    config["sparse_config"] = {}
-    groups = {name: {**config, "sparse_config": {}, "hook_state": "aggregate"} for name in state}
-    return {"state": state, "data_groups": groups, "defaults": config}
 
 
 def run_child(body: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -114,31 +111,6 @@ def child_results(body: str, *args: str, timeout: float = 120) -> Any:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def small_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-
-
-def stepped(model: torch.nn.Module) -> ActivationSparsifier:
-    sparsifier = ActivationSparsifier(
-        model, aggregate_fn="sum", reduce_fn="mean", mask_fn="magnitude", sparsity_level=0.5
-    )
-    sparsifier.register_layer(model[0])
-    with torch.no_grad():
-        model(torch.randn(4, 6))
-    sparsifier.step()
-    return sparsifier
-
-
-def signed_with_mask(record: dict[str, Any]) -> bytes:
-    """A real state file whose layer '0' holds the (tensor-less) mask ``record``, signed."""
-    doc, tensors = unpack(safetensors_dumps(stepped(small_model()).state_dict()))
-    old = doc["state"]["0"]["mask"]["$mask"]
-    tensors = {k: v for k, v in tensors.items() if k != old.get("tensor")}
-    doc["state"]["0"]["mask"] = {"$mask": record}
-    return pack(doc, tensors)
-
-
 def many_masks(records: list[tuple[dict[str, Any], torch.Tensor | None]]) -> bytes:
     """A signed file of bare layers, one per mask record (stored tensors beside them)."""
     state: dict[str, Any] = {}
@@ -150,18 +122,6 @@ def many_masks(records: list[tuple[dict[str, Any], torch.Tensor | None]]) -> byt
             tensors[mask["tensor"]] = stored
         state[f"l{i}"] = {"mask": {"$mask": mask}}
     return pack({"state": state, "data_groups": {}, "defaults": {}}, tensors)
-
-
-def torch_file_with(state_dict: dict[str, Any], checksum: str = "sha256:" + "0" * 64) -> bytes:
-    payload = {
-        "format": TORCH_FORMAT_NAME,
-        "format_version": 1,
-        "state_dict": state_dict,
-        "checksum": checksum,
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
 
 
 # ------------------------------------------ 1: sparse tensors in a torch file
@@ -693,3 +653,143 @@ def test_a_file_whose_state_holds_a_lone_surrogate_is_refused(tmp_path: Path) ->
     path.write_bytes(pack_text(json.dumps(doc).replace('"placeholder"', '"\\ud800"'), tensors))
     with pytest.raises(SerializationError, match=r"data_groups/0/sparse_config/note.*surrogate"):
         serialize.load(path)
+
+
+# ------------------------- 8: masks that declare 1e8 elements in 1 KB, deflate bombs
+
+
+@pytest.mark.parametrize("action", ["load", "load_into"])
+@pytest.mark.parametrize("case", _bombs.MASK_BOMBS)
+def test_a_1_kb_file_that_declares_1e8_mask_elements_is_refused_in_bounded_memory(
+    tmp_path: Path, case: str, action: str
+) -> None:
+    """Once 864 MiB of resident memory for a run-length mask of 792 bytes."""
+    path = tmp_path / f"{case}.bin"
+    path.write_bytes(_bombs.mask_bomb(case))
+    assert path.stat().st_size < 4096
+    result = _bombs.measure(action, path)
+    assert result["growth"] < _bombs.GROWTH_LIMIT, result
+    assert result["kind"] == "SerializationError", result
+    message = result["message"]
+    assert str(path) in message, message
+    assert "\n" not in message, message
+    if case != "torch-coo":  # a sparse tensor in a torch file is refused as such
+        assert f"declares {_bombs.DECLARED} elements" in message, message
+        assert f"for a file of {path.stat().st_size} bytes" in message, message
+        assert f"max_elements={_bombs.DECLARED}" in message, message
+
+
+def test_a_deflate_bomb_is_refused_from_its_central_directory(tmp_path: Path) -> None:
+    """A deflated storage of 256 MiB in a file of 256 KB: refused before anything inflates."""
+    path = _bombs.write_deflate_bomb(tmp_path / "bomb.pt")
+    assert path.stat().st_size < 1 << 20
+    result = _bombs.measure("load", path)
+    assert result["growth"] < _bombs.GROWTH_LIMIT, result
+    assert result["kind"] == "SerializationError", result
+    message = result["message"]
+    assert "\n" not in message, message
+    assert f"{path}: zip member 'bomb/data/0' declares {_bombs.BOMB_ELEMENTS * 8}" in message
+    assert "uncompressed bytes" in message
+    assert "unless max_elements is set" in message
+
+
+@pytest.mark.parametrize("case", ["rle", "coo", "torch-view"])
+def test_a_small_file_may_declare_2_23_elements_and_a_cap_lifts_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """The bound from a file's size has a floor, and a cap that someone sets replaces it."""
+    floor = MIN_FILE_ELEMENTS
+
+    def write(elements: int) -> Path:
+        path = tmp_path / f"{case}-{elements}.bin"
+        if case == "torch-view":
+            view = torch.ones(1, dtype=torch.bool).expand(elements)
+            path.write_bytes(torch_dumps(full_state({"0": {"mask": view}})))
+        else:
+            path.write_bytes(_bombs.mask_bomb(case, elements=elements, dtype="bool"))
+        assert path.stat().st_size < 4096
+        return path
+
+    def expected(elements: int) -> torch.Tensor:
+        if case == "torch-view":
+            return torch.ones(elements, dtype=torch.bool)
+        mask = torch.ones(elements, dtype=torch.bool)
+        if case == "rle":
+            mask[elements // 2 :] = False
+        else:
+            mask[[5, elements // 2]] = False
+        return mask
+
+    assert torch.equal(serialize.load(write(floor))["state"]["0"]["mask"], expected(floor))
+    over = write(floor + 1)
+    size = over.stat().st_size
+    with pytest.raises(
+        SerializationError,
+        match=rf"declares {floor + 1} elements, more than the {floor} allowed for a file of "
+        rf"{size} bytes \(8 per byte of the file, and at least {floor}, unless max_elements",
+    ):
+        serialize.load(over)
+    loaded = serialize.load(over, max_elements=floor + 1)["state"]["0"]["mask"]
+    assert torch.equal(loaded, expected(floor + 1))
+    monkeypatch.setenv(serialize.MAX_ELEMENTS_ENV_VAR, str(floor + 1))
+    assert torch.equal(serialize.load(over)["state"]["0"]["mask"], expected(floor + 1))
+
+
+@pytest.mark.parametrize("encoding", ["bitpack", "rle", "coo"])
+def test_a_mask_is_decoded_straight_into_its_own_dtype(tmp_path: Path, encoding: str) -> None:
+    """A bool mask of 64 MiB takes 64 MiB to decode, not a uint8 or int64 copy besides."""
+    elements = 2**26
+    if encoding == "bitpack":
+        stored = torch.full((elements // 8,), 0b10110000, dtype=torch.uint8)
+        record = {"encoding": "bitpack", "dtype": "bool", "shape": [elements]}
+        data = _bombs.signed_with_mask(record, stored)
+    else:
+        data = _bombs.mask_bomb(encoding, elements=elements, dtype="bool")
+    path = tmp_path / f"{encoding}.safetensors"
+    path.write_bytes(data)
+    result = _bombs.measure("load", path, max_elements=elements)
+    assert result["kind"] == "loaded", result
+    # the mask, the file read once and its tensors copied out of it, and a few MiB of chunks
+    assert result["growth"] < elements + 2 * len(data) + 16 * 2**20, result
+
+
+def test_by_default_a_deflated_member_inflates_no_further_than_the_file_allows(
+    tmp_path: Path,
+) -> None:
+    """8 bytes per byte of the file plus 16 MiB: a stored member always passes."""
+    small = tmp_path / "small.pt"
+    small.write_bytes(_deflated(_torch_state_with_a_big_mask(2**18)))  # 2 MiB of zeros
+    assert serialize.load(small)["state"]["0"]["mask"].numel() == 2**18
+    big = tmp_path / "big.pt"
+    big.write_bytes(_deflated(_torch_state_with_a_big_mask(2**22)))  # 32 MiB of zeros
+    with pytest.raises(SerializationError) as info:
+        serialize.load(big)
+    message = str(info.value)
+    assert message.startswith(f"{big}: zip member 'archive/data/0' declares {2**25} uncompressed")
+    assert "8 bytes for each byte of the file" in message
+    assert "unless max_elements is set" in message
+    assert serialize.load(big, max_elements=2**22)["state"]["0"]["mask"].numel() == 2**22
+
+
+def test_by_default_a_deflated_pickle_inflates_no_further_than_the_file_allows(
+    tmp_path: Path,
+) -> None:
+    """The pickled state may take the file's size, at least 1 MiB, unless a cap is set."""
+    sd = stepped(small_model()).state_dict()
+    sd["defaults"]["sparse_config"]["note"] = "x" * (2 << 20)
+    stored = serialize.save(sd, tmp_path / "stored.pt")
+    assert serialize.load(stored)["defaults"]["sparse_config"]["note"] == "x" * (2 << 20)
+    deflated = tmp_path / "deflated.pt"
+    deflated.write_bytes(_deflated(stored.read_bytes()))
+    size = deflated.stat().st_size
+    assert size < 1 << 20
+    floor = MIN_FILE_ELEMENTS
+    with pytest.raises(
+        SerializationError,
+        match=rf"{deflated}: zip member 'archive/data\.pkl' declares \d+ uncompressed bytes, "
+        rf"more than the {1 << 20} allowed for the pickled state for a file of {size} bytes.*"
+        rf"max_elements={floor}",
+    ):
+        serialize.load(deflated)
+    loaded = serialize.load(deflated, max_elements=floor)
+    assert loaded["defaults"]["sparse_config"]["note"] == "x" * (2 << 20)

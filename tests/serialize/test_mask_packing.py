@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actsparse.core import SerializationError
-from actsparse.serialize._packing import decode_mask, encode_mask
+from actsparse.serialize._packing import _CHUNK, decode_mask, encode_mask
 
 DTYPES = [
     torch.float32,
@@ -99,6 +99,41 @@ def test_bitpack_matches_a_reference_packing() -> None:
     assert tensor is not None
     expected = [int("".join(map(str, (bits + [0] * 8)[i : i + 8])), 2) for i in (0, 8, 16)]
     assert tensor.tolist() == expected
+
+
+def _forced(bits: torch.Tensor, encoding: str, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
+    """The record and tensor of ``bits`` in ``encoding``, whatever encoding is smallest."""
+    n = bits.numel()
+    record: dict = {"encoding": encoding, "dtype": str(dtype).removeprefix("torch."), "shape": [n]}
+    if encoding == "bitpack":
+        padded = torch.zeros(math.ceil(n / 8) * 8, dtype=torch.uint8)
+        padded[:n] = bits
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+        return record, (padded.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    if encoding == "rle":
+        change = torch.nonzero(bits[1:] != bits[:-1]).reshape(-1) + 1
+        bounds = torch.cat((torch.tensor([0]), change, torch.tensor([n])))
+        record["first"] = int(bits[0])
+        return record, (bounds[1:] - bounds[:-1]).to(torch.int32)
+    record["fill"] = 1
+    return record, torch.nonzero(~bits).reshape(-1).to(torch.int32)
+
+
+@pytest.mark.parametrize("encoding", ["bitpack", "rle", "coo"])
+@pytest.mark.parametrize("n", [_CHUNK - 1, _CHUNK, _CHUNK + 1, 3 * _CHUNK + 5])
+def test_masks_across_the_decoders_chunks_come_back_exactly(encoding: str, n: int) -> None:
+    """Runs and indices that straddle the chunks the decoder works in, in several dtypes."""
+    generator = torch.Generator().manual_seed(n)
+    bits = torch.ones(n, dtype=torch.bool)
+    for start in (0, _CHUNK - 3, _CHUNK - 1, _CHUNK, 2 * _CHUNK + 7, n - 2):
+        bits[start : start + 5] = False  # runs across the chunk boundaries
+    bits[torch.randint(0, n, (200,), generator=generator)] = False
+    for dtype in (torch.bool, torch.float32, torch.bfloat16, torch.int64):
+        record, tensor = _forced(bits, encoding, dtype)
+        back = decode_mask(record, tensor, where="m")
+        assert back.dtype == dtype
+        assert back.is_contiguous()
+        assert torch.equal(back, bits.to(dtype))
 
 
 @pytest.mark.parametrize(

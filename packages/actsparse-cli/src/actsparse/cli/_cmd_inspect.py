@@ -63,8 +63,9 @@ def _tensor_info(value: Any, where: str, bad: Callable[[str], CommandError]) -> 
 
     if not isinstance(value, torch.Tensor):
         raise bad(f"{where} is of type {type(value).__name__}, not a tensor")
-    zeros = int((value == 0).sum())
     numel = value.numel()
+    # count_nonzero allocates nothing in proportion; (value == 0).sum() makes an int64 copy
+    zeros = numel - int(torch.count_nonzero(value))
     return {
         "shape": list(value.shape),
         "dtype": str(value.dtype).removeprefix("torch."),

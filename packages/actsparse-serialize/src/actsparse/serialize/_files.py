@@ -309,7 +309,8 @@ def load(
             ``None`` keeps them on the CPU.
         max_elements: The most elements the file may declare, masks counted
             at their full shape (see docs/formats.md); ``None`` reads
-            ``ACTSPARSE_MAX_ELEMENTS``, else 2**28.
+            ``ACTSPARSE_MAX_ELEMENTS``, else bounds it by the file's size:
+            8 elements per byte, at least 2**23, at most 2**28.
 
     Raises:
         SerializationError: The file is truncated, corrupted, of an unknown

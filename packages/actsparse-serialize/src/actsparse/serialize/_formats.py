@@ -29,9 +29,12 @@ from actsparse.serialize._codec import (
 )
 from actsparse.serialize._limits import (
     BYTES_PER_ELEMENT,
-    MAX_ELEMENTS_ENV_VAR,
+    DEFAULT_MAX_ELEMENTS,
+    MIN_PICKLE_BYTES,
     check_elements,
-    max_elements,
+    explicit_cap,
+    file_cap,
+    trust_remedy,
 )
 from actsparse.serialize._safetensors import (
     DTYPES,
@@ -183,7 +186,7 @@ def check_header(head: bytes | bytearray, size: int) -> None:
     """
     entries, metadata, _ = parse_header(head, size)
     state_json, _ = _state_text(metadata)
-    check_elements(declared_elements(_parse_state(state_json), entries), max_elements())
+    check_elements(declared_elements(_parse_state(state_json), entries), size)
 
 
 def unpack(buf: bytes | bytearray) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -194,7 +197,7 @@ def unpack(buf: bytes | bytearray) -> tuple[Any, dict[str, torch.Tensor]]:
     if _digest(entries, state_json, memoryview(data)[start:]) != checksum:
         raise SerializationError("the checksum does not match the contents: the file is corrupted")
     doc = _parse_state(state_json)
-    check_elements(declared_elements(doc, entries), max_elements())
+    check_elements(declared_elements(doc, entries), len(data))
     return doc, {e.name: tensor_at(data, e, start) for e in entries}
 
 
@@ -236,41 +239,78 @@ def _torch_checksum(state_dict: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(safetensors_dumps(state_dict)).hexdigest()
 
 
+def _zip_budgets(size: int) -> tuple[int, str, int, str]:
+    """What the members of a torch zip of ``size`` bytes may declare uncompressed, together
+    and for the pickled state, each with the reason a message gives."""
+    cap = explicit_cap()
+    pickled = f"plus {MAX_HEADER_BYTES} for the pickled state"
+    if cap is not None:
+        why = f"{BYTES_PER_ELEMENT} bytes for each of the max_elements={cap} elements, {pickled}"
+        return BYTES_PER_ELEMENT * cap + MAX_HEADER_BYTES, why, MAX_HEADER_BYTES, ""
+    # No cap set: a deflated member may inflate, but not into more than a stored file
+    # of the same size could hold.
+    if size < DEFAULT_MAX_ELEMENTS:
+        held = size
+        why = f"{BYTES_PER_ELEMENT} bytes for each byte of the file, {pickled}"
+    else:
+        held = DEFAULT_MAX_ELEMENTS
+        why = f"{BYTES_PER_ELEMENT} bytes for each of the {held} elements allowed, {pickled}"
+    return (
+        BYTES_PER_ELEMENT * held + MAX_HEADER_BYTES,
+        why + ", unless max_elements is set",
+        min(MAX_HEADER_BYTES, max(MIN_PICKLE_BYTES, size)),
+        f" for a file of {size} bytes (its size, and at least {MIN_PICKLE_BYTES}, unless "
+        "max_elements is set)",
+    )
+
+
 def check_torch_zip(source: IO[bytes], size: int) -> None:
     """Check the sizes a torch zip declares before ``torch.load`` reads (and inflates) it.
 
-    The pickled state may take at most as many bytes as a safetensors header
-    (16 MiB), and the members together at most 8 bytes for each element the
-    cap allows plus 16 MiB; so may the file itself.
+    The central directory's uncompressed sizes are read (nothing is inflated)
+    and checked against the file's caps (see :mod:`actsparse.serialize._limits`).
+    With a cap set, the pickled state may take at most as many bytes as a
+    safetensors header (16 MiB), and the members together at most 8 bytes for
+    each element that the cap allows, plus 16 MiB; so may the file itself.
+    With none, what a member declares is bounded by the file's own size: the
+    pickled state by that size (at least 1 MiB, at most 16 MiB), the members
+    together by 8 bytes for each byte of the file, plus 16 MiB. A stored
+    member (``torch.save`` writes no other) always passes; a deflated one
+    passes only as far as a stored file of the same size could hold.
     """
-    cap = max_elements()
-    budget = BYTES_PER_ELEMENT * cap + MAX_HEADER_BYTES
-    remedy = (
-        f"by max_elements={cap}; a file that you trust can be loaded with a larger "
-        f"load(..., max_elements=...) or {MAX_ELEMENTS_ENV_VAR}"
-    )
+    budget, why, pickle_budget, pickle_why = _zip_budgets(size)
     if size > budget:
         raise SerializationError(
-            f"the file holds {size} bytes, more than the {budget} allowed {remedy}"
+            f"the file holds {size} bytes, more than the {budget} allowed ({why}); "
+            + trust_remedy(_elements_for(size))
         )
     try:
         with zipfile.ZipFile(source) as archive:
             members = archive.infolist()
     except Exception as exc:  # zipfile parses untrusted bytes: any failure is a bad file
         raise SerializationError(f"not a readable torch file: {exc!r}") from None
+    declared = sum(member.file_size for member in members)
     total = 0
     for member in members:
-        if member.filename.rsplit("/", 1)[-1] == "data.pkl" and member.file_size > MAX_HEADER_BYTES:
+        if member.filename.rsplit("/", 1)[-1] == "data.pkl" and member.file_size > pickle_budget:
+            remedy = "" if not pickle_why else "; " + trust_remedy(file_cap(size))
             raise SerializationError(
                 f"zip member {member.filename!r} declares {member.file_size} uncompressed bytes, "
-                f"more than the {MAX_HEADER_BYTES} allowed for the pickled state"
+                f"more than the {pickle_budget} allowed for the pickled state{pickle_why}{remedy}"
             )
         total += member.file_size
         if total > budget:
             raise SerializationError(
                 f"zip member {member.filename!r} declares {member.file_size} uncompressed bytes, "
-                f"which brings the members to {total}, more than the {budget} allowed {remedy}"
+                f"which brings the members to {total}, more than the {budget} allowed ({why}); "
+                + trust_remedy(max(_elements_for(declared), file_cap(size)))
             )
+
+
+def _elements_for(nbytes: int) -> int:
+    """An element cap under which a torch zip may declare ``nbytes`` uncompressed bytes
+    (and its tensors, were they all of 8-byte elements, pass too)."""
+    return max(1, -(-nbytes // BYTES_PER_ELEMENT))
 
 
 def _torch_elements(value: Any, where: str) -> int:
@@ -337,7 +377,7 @@ def torch_loads(buf: bytes | bytearray) -> dict[str, Any]:
     sd = payload.get("state_dict")
     if not isinstance(sd, dict) or any(key not in sd for key in STATE_KEYS):
         raise SerializationError(f"the file's state_dict lacks one of {', '.join(STATE_KEYS)}")
-    check_elements(_torch_elements(sd, "state_dict"), max_elements())
+    check_elements(_torch_elements(sd, "state_dict"), len(buf))
     checked = check_loaded(sd)
     if payload.get("checksum") != _torch_checksum(checked):
         raise SerializationError("the checksum does not match the contents: the file is corrupted")

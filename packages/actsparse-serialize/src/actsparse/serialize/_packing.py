@@ -31,6 +31,8 @@ ENCODINGS = ("constant", "bitpack", "rle", "coo", "dense")
 #: make the reader allocate more than this for one mask.
 MAX_MASK_ELEMENTS = 2**31 - 1
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+#: How many values the decoder builds at a time, besides the mask itself.
+_CHUNK = 1 << 18
 _INT_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
@@ -68,7 +70,7 @@ def encode_mask(mask: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None
     if mask.dtype != torch.bool and not bool(torch.logical_or(ones, mask == 0).all()):
         return {"encoding": "dense", **record}, mask.contiguous()
     bits = ones.reshape(-1)
-    count = int(bits.sum())
+    count = int(torch.count_nonzero(bits))  # bits.sum() would make an int64 copy
     if count in (0, n):
         return {"encoding": "constant", "value": int(count == n), **record}, None
 
@@ -113,13 +115,42 @@ def _vector(tensor: torch.Tensor | None, where: str, *, integer: bool = True) ->
     return tensor
 
 
+def _unpack_bits(packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the bits of ``packed`` into the flat ``out``, a chunk at a time."""
+    n = out.numel()
+    step = _CHUNK // 8
+    for start in range(0, packed.numel(), step):
+        bits = ((packed[start : start + step].unsqueeze(1) >> _SHIFTS) & 1).reshape(-1)
+        low = start * 8
+        high = min(n, low + bits.numel())
+        out[low:high].copy_(bits[: high - low])
+
+
+def _expand_runs(runs: torch.Tensor, first: int, out: torch.Tensor) -> None:
+    """Write the alternating runs (lengths ``runs``, the first of value ``first``) into the
+    flat ``out``, one window of at most ``_CHUNK`` values at a time."""
+    n = out.numel()
+    ends = torch.cumsum(runs, dim=0, dtype=torch.int64)
+    starts = ends - runs
+    for low in range(0, n, _CHUNK):
+        high = min(n, low + _CHUNK)
+        # the runs that overlap [low, high): from the one holding low to the one holding high - 1
+        a = int(torch.searchsorted(ends, low, right=True))
+        b = int(torch.searchsorted(ends, high - 1, right=True)) + 1
+        lengths = ends[a:b].clamp(max=high) - starts[a:b].clamp(min=low)
+        values = ((torch.arange(a, b) + first) % 2).to(out.dtype)
+        out[low:high] = torch.repeat_interleave(values, lengths)
+
+
 def decode_mask(
     record: Mapping[str, Any], tensor: torch.Tensor | None, *, where: str
 ) -> torch.Tensor:
     """The mask that ``record`` (and its stored ``tensor``) describe, on the CPU.
 
     Every claim of the record is checked against the stored tensor before
-    anything is allocated.
+    anything is allocated. A packed mask is decoded straight into a tensor of
+    its own dtype, a chunk at a time: decoding takes the mask's own memory
+    and at most a few MiB besides.
     """
     encoding = record.get("encoding")
     if encoding not in ENCODINGS:
@@ -156,19 +187,20 @@ def decode_mask(
                 f"{where}: {n} bit-packed values need {math.ceil(n / 8)} uint8 bytes, "
                 f"the file holds {packed.numel()} {packed.dtype} values"
             )
-        bits = ((packed.unsqueeze(1) >> _SHIFTS) & 1).reshape(-1)[:n]
+        out = torch.empty(n, dtype=dtype)
+        _unpack_bits(packed, out)
     elif encoding == "rle":
         runs = _vector(tensor, where)
         first = _flag(record, "first", where)
         if runs.numel() == 0 or bool((runs <= 0).any()) or int(runs.max()) > n:
             raise SerializationError(f"{where}: run lengths must be positive and at most {n}")
-        total = int(runs.to(torch.int64).sum())
+        total = int(runs.sum(dtype=torch.int64))
         if total != n:
             raise SerializationError(f"{where}: the runs cover {total} values, the shape {n}")
-        values = (torch.arange(runs.numel()) + first) % 2
-        bits = torch.repeat_interleave(values.to(torch.uint8), runs.to(torch.int64))
+        out = torch.empty(n, dtype=dtype)
+        _expand_runs(runs, first, out)
     else:
-        indices = _vector(tensor, where).to(torch.int64)
+        indices = _vector(tensor, where)
         fill = _flag(record, "fill", where)
         if indices.numel() and (
             int(indices[0]) < 0
@@ -176,6 +208,7 @@ def decode_mask(
             or bool((indices[1:] <= indices[:-1]).any())
         ):
             raise SerializationError(f"{where}: indices must increase strictly and lie in [0, {n})")
-        bits = torch.full((n,), fill, dtype=torch.uint8)
-        bits[indices] = 1 - fill
-    return bits.to(dtype).reshape(shape)
+        out = torch.full((n,), fill, dtype=dtype)
+        for start in range(0, indices.numel(), _CHUNK):
+            out[indices[start : start + _CHUNK].to(torch.int64)] = 1 - fill
+    return out.reshape(shape)
