@@ -138,6 +138,30 @@ def torch_file_with(state_dict: dict[str, Any], checksum: str = PLACEHOLDER) -> 
     return buffer.getvalue()
 
 
+#: The empty lists of :func:`structure_bomb`: one pickle operation each.
+BOMB_LISTS = 1_000_000
+
+
+def structure_bomb(lists: int = BOMB_LISTS) -> bytes:
+    """A stored ``torch`` file of about 1 MB whose state, otherwise valid, holds ``lists``
+    empty lists in one ``sparse_config`` value: one byte of pickle each."""
+    marker = "MARKER-OF-THE-BOMB"
+    state = full_state({"0": {"mask": None}})
+    state["defaults"]["sparse_config"] = {"bomb": marker}
+    plain = zipfile.ZipFile(io.BytesIO(torch_file_with(state)))
+    pushed = b"X" + len(marker).to_bytes(4, "little") + marker.encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for info in plain.infolist():
+            data = plain.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert data.count(pushed) == 1
+                # one list pushed where the string was, holding `lists` empty lists
+                data = data.replace(pushed, b"](" + b"]" * lists + b"e")
+            archive.writestr(info, data)
+    return out.getvalue()
+
+
 def small_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))

@@ -693,6 +693,56 @@ def test_a_deflate_bomb_is_refused_from_its_central_directory(tmp_path: Path) ->
     assert "unless max_elements is set" in message
 
 
+@pytest.mark.parametrize("action", ["load", "inspect"])
+def test_a_1_mb_pickle_of_a_million_objects_is_refused_before_it_is_unpickled(
+    tmp_path: Path, action: str
+) -> None:
+    """Once hundreds of MiB for a stored file of 1 MB: each byte of pickle built a list."""
+    path = tmp_path / "structure.pt"
+    path.write_bytes(_bombs.structure_bomb())
+    assert path.stat().st_size <= 1 << 20
+    result = _bombs.measure(action, path)
+    assert result["growth"] < _bombs.GROWTH_LIMIT, result
+    message = result["message"].strip()
+    assert "\n" not in message, message
+    assert f"{path}: zip member" in message, message
+    assert "pickled state of more than 524288 operations" in message, message
+
+
+def test_a_state_that_actsparse_writes_is_far_below_the_pickle_bound(tmp_path: Path) -> None:
+    import pickletools
+
+    from actsparse.serialize._formats import MAX_PICKLE_OPS
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(64)))
+    sparsifier = ActivationSparsifier(
+        model, "abs_histogram", "identity", "target_threshold", sparsity_level=0.5
+    )
+    sparsifier.register_layers({torch.nn.Linear: {}})
+    with torch.no_grad():
+        model(torch.randn(64, 8))
+    sparsifier.step()
+    path = serialize.save(sparsifier, tmp_path / "many.pt")
+    with zipfile.ZipFile(path) as archive:
+        (pickled,) = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        ops = sum(1 for _ in pickletools.genops(archive.read(pickled)))
+    assert ops * 64 < MAX_PICKLE_OPS  # room for thousands of layers
+    assert serialize.load(path)["state"].keys() == sparsifier.state_dict()["state"].keys()
+
+
+def test_a_cap_that_someone_sets_lifts_the_pickle_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "structure.pt"
+    path.write_bytes(_bombs.structure_bomb(lists=600_000))
+    with pytest.raises(SerializationError, match="524288 operations"):
+        serialize.load(path)
+    monkeypatch.setenv("ACTSPARSE_MAX_ELEMENTS", str(2**28))
+    with pytest.raises(SerializationError) as info:  # read, and refused for what it holds
+        serialize.load(path)
+    assert "operations" not in str(info.value)
+
+
 @pytest.mark.parametrize("case", ["rle", "coo", "torch-view"])
 def test_a_small_file_may_declare_2_23_elements_and_a_cap_lifts_the_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import pickle
+import pickletools
 import zipfile
 from collections.abc import Mapping
 from typing import IO, Any
@@ -264,6 +265,10 @@ def _zip_budgets(size: int) -> tuple[int, str, int, str]:
     )
 
 
+#: The most operations a torch file's pickled state may hold when no cap is set.
+MAX_PICKLE_OPS = 2**19
+
+
 def check_torch_zip(source: IO[bytes], size: int) -> None:
     """Check the sizes a torch zip declares before ``torch.load`` reads (and inflates) it.
 
@@ -276,7 +281,9 @@ def check_torch_zip(source: IO[bytes], size: int) -> None:
     pickled state by that size (at least 1 MiB, at most 16 MiB), the members
     together by 8 bytes for each byte of the file, plus 16 MiB. A stored
     member (``torch.save`` writes no other) always passes; a deflated one
-    passes only as far as a stored file of the same size could hold.
+    passes only as far as a stored file of the same size could hold. With no
+    cap set, the pickled state may also hold at most :data:`MAX_PICKLE_OPS`
+    operations (counted, not run), which bounds the objects it builds.
     """
     budget, why, pickle_budget, pickle_why = _zip_budgets(size)
     if size > budget:
@@ -305,6 +312,43 @@ def check_torch_zip(source: IO[bytes], size: int) -> None:
                 f"which brings the members to {total}, more than the {budget} allowed ({why}); "
                 + trust_remedy(max(_elements_for(declared), file_cap(size)))
             )
+    if explicit_cap() is not None:
+        return
+    for member in members:
+        if member.filename.rsplit("/", 1)[-1] != "data.pkl":
+            continue
+        try:
+            source.seek(0)
+            with zipfile.ZipFile(source) as archive:
+                data = archive.read(member)  # at most pickle_budget bytes, checked above
+        except Exception as exc:  # zipfile parses untrusted bytes: any failure is a bad file
+            raise SerializationError(f"not a readable torch file: {exc!r}") from None
+        _check_pickle_ops(data, member.filename)
+
+
+def _check_pickle_ops(data: bytes, name: str) -> None:
+    """Refuse a pickled state of more than :data:`MAX_PICKLE_OPS` operations, counted
+    before anything is unpickled.
+
+    Each operation builds at most one small object, and what a state becomes in
+    memory, once loaded, checked and copied, grows with their number: a 1 MB
+    pickle of a million empty lists would take hundreds of MiB. A state dict
+    that actsparse writes takes a few hundred operations per layer.
+    """
+    count = 0
+    try:
+        for _ in pickletools.genops(data):
+            count += 1
+            if count > MAX_PICKLE_OPS:
+                raise SerializationError(
+                    f"zip member {name!r} holds a pickled state of more than {MAX_PICKLE_OPS} "
+                    "operations, more than any sparsifier state needs; "
+                    + trust_remedy(DEFAULT_MAX_ELEMENTS)
+                )
+    except SerializationError:
+        raise
+    except Exception as exc:  # a malformed pickle: torch.load would refuse it too
+        raise SerializationError(f"zip member {name!r} is not a readable pickle: {exc!r}") from None
 
 
 def _elements_for(nbytes: int) -> int:
