@@ -49,6 +49,7 @@ __all__ = [
     "KernelPlan",
     "KernelThreshold",
     "KernelWarning",
+    "ReleasingHandle",
     "check_kernel_name",
     "kernel_modes",
 ]
@@ -156,6 +157,9 @@ class KernelThreshold(Threshold):
                 return kernel_fast(scored(x))
 
             fast = scored_fast
+        if shift is not None and not self.plan.kernel.exact:
+            # a lossy kernel computes with its own weights: compensate with those
+            shift = _kernel_shift(apply(module, 0.0), shift, self.offset)
         if shift is not None:
             unshifted = fast
 
@@ -184,7 +188,41 @@ class KernelThreshold(Threshold):
                 return own(zero(x))
 
         module.__dict__["forward"] = forward
-        return ForwardHandle(module, forward)
+        handle = ForwardHandle(module, forward)
+        release = self.plan.kernel.release
+        return handle if release is None else ReleasingHandle(handle, module, release)
+
+
+class ReleasingHandle:
+    """Detaches a kernel that keeps a module's weights its own way: restores the module's
+    ``forward``, then calls the kernel's ``release(module)`` (once) to write the weights
+    back as parameters."""
+
+    def __init__(self, handle: Handle, module: Any, release: Callable[[Any], None]) -> None:
+        self._handle = handle
+        self._module = module
+        self._release: Callable[[Any], None] | None = release
+
+    def remove(self) -> None:
+        self._handle.remove()
+        release, self._release = self._release, None
+        if release is not None:
+            release(self._module)
+
+
+def _kernel_shift(
+    fn: Callable[[torch.Tensor], Any], shift: torch.Tensor, offset: torch.Tensor | None
+) -> torch.Tensor:
+    """What the zeroed values add to the output of a layer computed by ``fn`` (a kernel at
+    threshold 0): ``fn(offset) - fn(0)``, shaped and typed as ``shift``."""
+    if offset is None:  # pragma: no cover - a shift comes from an offset
+        return shift
+    m = offset.to(device=shift.device, dtype=shift.dtype)
+    with torch.no_grad():
+        out = fn(m) - fn(torch.zeros_like(m))
+    if not isinstance(out, torch.Tensor) or out.shape != shift.shape:
+        return shift
+    return out.detach()
 
 
 def _dense(mode: Threshold) -> Threshold:
