@@ -21,6 +21,7 @@ from torch import nn
 
 from actsparse.core import ConfigError, KernelStrategy
 from actsparse.hooks import ActivationSparsifier, sparsify
+from actsparse.kernels._common.crossover import num_threads
 from actsparse.kernels._common.quantized import (
     QuantizedFormat,
     QuantizedWeights,
@@ -71,6 +72,26 @@ def check_op_case(
         x, weights.qweight, weights.scales, weights.zeros, bias, threshold, weights.out_features
     )
     assert_close_to_reference(public, ref, bound)
+
+
+def check_threads_split_the_columns(
+    fmt: QuantizedFormat, kernel: KernelStrategy, compiled: Compiled
+) -> None:
+    """At two threads the output columns are cut in chunks: every path still matches."""
+    for tokens, n_out in ((1, 700), (3, 193), (12, 450)):
+        case = {
+            "in_features": 300,
+            "out_features": n_out,
+            "lead": (tokens,),
+            "sparsity": 0.5,
+            "specials": (float("nan"),),
+            "bias": True,
+            "scale": 0.05,
+            "seed": tokens,
+        }
+        with num_threads(2):
+            for path in PATHS:
+                check_op_case(fmt, kernel, compiled, {**case, "path": path})
 
 
 def calibrated(seed: int = 0) -> tuple[nn.Sequential, ActivationSparsifier]:

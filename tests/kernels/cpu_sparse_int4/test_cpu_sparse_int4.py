@@ -22,6 +22,7 @@ from _quantized_cases import (
     check_nan_refused,
     check_op_case,
     check_sparsify,
+    check_threads_split_the_columns,
     llama_layer_bytes,
     op_cases,
 )
@@ -50,6 +51,10 @@ def test_every_path_matches_the_dense_layer_on_the_dequantized_weight(
     case: dict[str, Any],
 ) -> None:
     check_op_case(int4.FORMAT, int4.KERNEL, compiled, case)
+
+
+def test_two_threads_split_the_columns() -> None:
+    check_threads_split_the_columns(int4.FORMAT, int4.KERNEL, compiled)
 
 
 def test_the_status_names_the_vector_path() -> None:

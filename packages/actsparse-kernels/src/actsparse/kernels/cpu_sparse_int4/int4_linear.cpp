@@ -26,7 +26,7 @@ namespace q = actsparse_quantized;
 
 constexpr int64_t kGroupSize = 32;
 constexpr int kRows = 8;
-constexpr int64_t kBlockOneToken = 2048;
+constexpr int64_t kBlockOneToken = int64_t{1} << 40;
 constexpr int64_t kBlockTokens = 256;
 
 // a bfloat16's bits, widened to float32 (exact)

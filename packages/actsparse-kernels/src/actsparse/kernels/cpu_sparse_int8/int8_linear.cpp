@@ -28,7 +28,7 @@ namespace q = actsparse_quantized;
 
 constexpr int kGroup = 8;
 // columns per accumulator block: one token, and several tokens
-constexpr int64_t kBlockOneToken = 2048;
+constexpr int64_t kBlockOneToken = int64_t{1} << 40;
 constexpr int64_t kBlockTokens = 256;
 
 // acc[0, width) += sum over k < n of values[k] * w[rows[k] * out + (0, width)]
