@@ -391,7 +391,9 @@ def quality_rows(threads: int) -> list[dict[str, Any]]:
             )
             elapsed = time.perf_counter() - started
             results[(kernel, level)] = perplexity(model)
-            print(f"{kernel} at {level}: {results[(kernel, level)]:.3f} ({elapsed:.1f} s)")
+            print(
+                f"{kernel} at {level}: {results[(kernel, level)]:.3f} ({elapsed:.1f} s)", flush=True
+            )
             del model
     for (kernel, level), value in results.items():
         fp32_same_level = results.get(("fp32", level), base)
