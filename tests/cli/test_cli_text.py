@@ -215,6 +215,30 @@ def test_evaluate_counts_the_same_zeros_with_any_kernel(
     assert found["dense"]["cosine"] == pytest.approx(found["cpu_sparse"]["cosine"], abs=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["cpu_sparse_int8", "cpu_sparse_int4"])
+def test_evaluate_runs_a_lossy_kernel_named_by_kernel(
+    kernel: str,
+    bert: Path,
+    bert_state: Path,
+    text: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    found = {}
+    for name in ("dense", kernel):
+        out = tmp_path / f"{name}.json"
+        argv = ["evaluate", bert, bert_state, "--text", text, "--json", out, "--kernel", name]
+        code, _, err = run([*argv, *TIMING], capsys)
+        assert code == 0, err
+        found[name] = json.loads(out.read_text())
+    # the same thresholds; the quantized weights move the later layers' inputs a little
+    dense, lossy = found["dense"]["layers"], found[kernel]["layers"]
+    assert set(lossy) == set(dense)
+    for name, zeroed in dense.items():
+        assert lossy[name] == pytest.approx(zeroed, abs=0.02), name
+    assert found[kernel]["cosine"] == pytest.approx(found["dense"]["cosine"], abs=0.05)
+
+
 # ------------------------------------------------------------------ sweep
 
 

@@ -7,7 +7,8 @@ sees, in float64, float32, bfloat16 and float16. A candidate the kernel's
 ``supports`` accepts must give the dense layer's outputs on the layer's
 weights as ``apply`` leaves them, within the bound of ``_kernel_cases``
 (plus the declared ``tolerance`` of a lossy kernel; an exact kernel must
-leave the weights' values alone): for shapes ``(*, in_features)`` including
+leave the weights' values alone; the reference weights of a kernel with a
+``release`` are those it writes back): for shapes ``(*, in_features)`` including
 no tokens, contiguous, transposed and strided inputs, sparsity from 0 to
 100%, NaN and inf entries, eagerly and under ``torch.compile(fullgraph=True)``.
 A candidate it refuses must be refused by name, with nothing changed. A
@@ -31,6 +32,7 @@ from _kernel_cases import (
     assert_close_to_reference,
     check_kernel,
     error_bound,
+    give_back,
     make_x,
     reference,
 )
@@ -171,6 +173,7 @@ def test_input_gradients_match_the_dense_layer(
     x.requires_grad_()
     grad = torch.randn(3, OUT_FEATURES).to(device=candidate.device, dtype=candidate.dtype)
     fn(x).backward(grad)
+    give_back(kernel, module)
     assert isinstance(module, nn.Linear)
     expected = torch.ops.aten.hardshrink_backward(
         grad.cpu() @ module.weight.detach().cpu(), x.detach().cpu(), 0.4

@@ -127,7 +127,9 @@ def actsparse_kernels() -> Sequence[KernelStrategy]:  # type: ignore[empty-body]
     ``kernel="auto"`` can choose per call. ``tolerance`` declares a lossy
     kernel (one that changes weight values, such as a quantizing kernel) and
     how far its outputs may lie from the dense layer; ``auto`` never picks a
-    lossy kernel. Names must be unique across all installed plugins.
+    lossy kernel. ``release`` gives a module's weights back when the kernel
+    is detached (a kernel that stored them its own way writes them back as
+    parameters). Names must be unique across all installed plugins.
 
     Example::
 

@@ -587,9 +587,10 @@ class Tolerance:
 
     For every output ``j`` of a layer computed by the kernel, with ``x'`` the
     input after zeroing (``|x| <= threshold`` set to 0), ``W`` and ``b`` the
-    layer's weight and bias as they are after ``KernelStrategy.apply`` (a
-    lossy kernel may have replaced their values, by their quantized values
-    for example) and ``ref = F.linear(x', W, b)``::
+    layer's weight and bias as ``KernelStrategy.apply`` leaves them (a lossy
+    kernel may have replaced their values, by their quantized values for
+    example; a kernel with a ``release`` writes them back there) and
+    ``ref = F.linear(x', W, b)``::
 
         |y_j - ref_j| <= rtol * S_j + atol,   S_j = |b_j| + sum_i |x'_i * W_ji|
 
@@ -653,6 +654,15 @@ class KernelStrategy:
             outputs lie within the tolerance of the dense layer on those
             weights. ``"auto"`` picks only exact kernels; a lossy one runs
             when it is named.
+        release: ``release(module) -> None``, called by the runtime when it
+            detaches the kernel from a module that ``apply`` was given (another
+            kernel is set, the layer is unsquashed or squashed again). A kernel
+            that keeps the module's weights in a storage of its own (quantized
+            bytes in place of the float weights) writes them back here as
+            ordinary parameters (the dequantized values), so that the dense
+            path, ``state_dict()`` and the next ``apply`` see them. The weights
+            "as ``apply`` left them" are those after ``release``. Called once
+            per ``apply``; ``None``: nothing to give back.
         description: One line for ``actsparse plugins`` and the docs.
     """
 
@@ -668,6 +678,9 @@ class KernelStrategy:
         default=None, validator=_check_optional_callable
     )
     tolerance: Tolerance | None = attrs.field(default=None, validator=_check_tolerance)
+    release: Callable[[Any], None] | None = attrs.field(
+        default=None, validator=_check_optional_callable
+    )
     description: str = attrs.field(default="", validator=_of_type(str))
 
     @property

@@ -49,6 +49,7 @@ __all__ = [
     "KernelPlan",
     "KernelThreshold",
     "KernelWarning",
+    "ReleasingHandle",
     "check_kernel_name",
     "kernel_modes",
 ]
@@ -155,8 +156,17 @@ class KernelThreshold(Threshold):
                 return kernel_fast(scored(x))
 
             fast = scored_fast
-        if compensation is not None:
-            unshifted, added = fast, compensation.added
+        if compensation is not None and offset is not None:
+            added = compensation.added
+            if not self.plan.kernel.exact:
+                # a lossy kernel computes with its own weights: compensate with those
+                kernel_shift = _kernel_shift(apply(module, 0.0), offset, module)
+
+                def lossy_added(out: Any) -> Any:
+                    return out + kernel_shift.to(device=out.device, dtype=out.dtype)
+
+                added = lossy_added
+            unshifted = fast
 
             def shifted_fast(x: torch.Tensor) -> Any:
                 return added(unshifted(x))
@@ -182,7 +192,39 @@ class KernelThreshold(Threshold):
                 return own(zero(x))
 
         module.__dict__["forward"] = forward
-        return ForwardHandle(module, forward)
+        handle = ForwardHandle(module, forward)
+        release = self.plan.kernel.release
+        return handle if release is None else ReleasingHandle(handle, module, release)
+
+
+class ReleasingHandle:
+    """Detaches a kernel that keeps a module's weights its own way: restores the module's
+    ``forward``, then calls the kernel's ``release(module)`` (once) to write the weights
+    back as parameters."""
+
+    def __init__(self, handle: Handle, module: Any, release: Callable[[Any], None]) -> None:
+        self._handle = handle
+        self._module = module
+        self._release: Callable[[Any], None] | None = release
+
+    def remove(self) -> None:
+        self._handle.remove()
+        release, self._release = self._release, None
+        if release is not None:
+            release(self._module)
+
+
+def _kernel_shift(
+    fn: Callable[[torch.Tensor], Any], offset: torch.Tensor, module: Any
+) -> torch.Tensor:
+    """What the zeroed values add to the output of a layer computed by ``fn`` (a kernel at
+    threshold 0): ``fn(offset) - fn(0)``, in the dtype and on the device of the layer's
+    weight."""
+    weight = module.weight
+    m = offset.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out: torch.Tensor = fn(m) - fn(torch.zeros_like(m))
+    return out.detach()
 
 
 def _dense(mode: Threshold) -> Threshold:

@@ -7,6 +7,9 @@ group:
 
 * ``cpu_sparse`` (:mod:`actsparse.kernels.cpu_sparse`): ``nn.Linear`` on the
   CPU in float32 and bfloat16, a C++ kernel compiled on first use;
+* ``cpu_sparse_int8`` and ``cpu_sparse_int4`` (:mod:`actsparse.kernels.cpu_sparse_int8`,
+  :mod:`actsparse.kernels.cpu_sparse_int4`): float32 ``nn.Linear`` on the CPU with
+  its weights quantized to 8 or 4 bits in place (lossy, only when named);
 * ``triton_sparse`` (:mod:`actsparse.kernels.triton_sparse`): ``nn.Linear`` on
   CUDA in float16 and bfloat16, a Triton kernel (the ``[triton]`` extra).
 
@@ -21,6 +24,7 @@ import importlib.metadata
 
 from actsparse.kernels._common.build import CACHE_ENV_VAR, DISABLE_ENV_VAR, CppExtension
 from actsparse.kernels._common.layout import is_input_major, to_input_major, to_output_major
+from actsparse.kernels._common.quantized import QuantizedWeights, quantized_weights
 from actsparse.kernels._common.reference import sparse_linear_reference
 from actsparse.kernels._common.status import KernelStatus, KernelUnavailableError
 from actsparse.kernels.cpu_sparse import (
@@ -29,6 +33,8 @@ from actsparse.kernels.cpu_sparse import (
     measure_crossover,
     sparse_linear,
 )
+from actsparse.kernels.cpu_sparse_int4 import int4_kernel_status, sparse_linear_int4
+from actsparse.kernels.cpu_sparse_int8 import int8_kernel_status, sparse_linear_int8
 from actsparse.kernels.triton_sparse import (
     clear_cuda_crossover_cache,
     measure_cuda_crossover,
@@ -44,14 +50,20 @@ __all__ = [
     "CppExtension",
     "KernelStatus",
     "KernelUnavailableError",
+    "QuantizedWeights",
     "__version__",
     "clear_crossover_cache",
     "clear_cuda_crossover_cache",
     "cpu_kernel_status",
+    "int4_kernel_status",
+    "int8_kernel_status",
     "is_input_major",
     "measure_crossover",
     "measure_cuda_crossover",
+    "quantized_weights",
     "sparse_linear",
+    "sparse_linear_int4",
+    "sparse_linear_int8",
     "sparse_linear_reference",
     "to_input_major",
     "to_output_major",

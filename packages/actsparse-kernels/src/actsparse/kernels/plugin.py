@@ -9,7 +9,7 @@ as ``KERNEL``; adding one is adding its folder and its line here (see
 from __future__ import annotations
 
 from actsparse.core import KernelStrategy, hookimpl
-from actsparse.kernels import cpu_sparse, triton_sparse
+from actsparse.kernels import cpu_sparse, cpu_sparse_int4, cpu_sparse_int8, triton_sparse
 
 __all__ = ["actsparse_kernels"]
 
@@ -18,5 +18,7 @@ __all__ = ["actsparse_kernels"]
 def actsparse_kernels() -> list[KernelStrategy]:
     return [
         cpu_sparse.KERNEL,
+        cpu_sparse_int8.KERNEL,
+        cpu_sparse_int4.KERNEL,
         triton_sparse.KERNEL,
     ]

@@ -71,13 +71,24 @@ class CppExtension:
         sources: The C++ files, package data of the kernel's folder.
         ops: The operators the sources register in ``torch.ops.actsparse_kernels``;
             a build that loads but lacks one is reported as failed.
+        headers: Files the sources include (``_common/quantized_kernel.h``):
+            not compiled on their own, but part of the cache key, so that a
+            changed header rebuilds the kernel.
     """
 
-    def __init__(self, name: str, sources: Sequence[Path], ops: Sequence[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        sources: Sequence[Path],
+        ops: Sequence[str],
+        *,
+        headers: Sequence[Path] = (),
+    ) -> None:
         if not sources or not ops:
             raise ValueError(f"CppExtension {name!r} needs at least one source and one op")
         self.name = name
         self.sources = tuple(Path(source) for source in sources)
+        self.headers = tuple(Path(header) for header in headers)
         self.ops = tuple(ops)
         self._lock = threading.Lock()
         self._status: KernelStatus | None = None
@@ -149,7 +160,7 @@ class CppExtension:
         cflags, ldflags = compile_flags()
         digest = hashlib.sha256()
         parts = [cpu_identity(), torch.__version__, " ".join(cflags + ldflags)]
-        parts.extend(source.read_text() for source in self.sources)
+        parts.extend(source.read_text() for source in (*self.sources, *self.headers))
         for part in parts:
             digest.update(part.encode())
             digest.update(b"\0")
