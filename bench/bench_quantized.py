@@ -5,8 +5,10 @@ Speed, at batch 1 and one token (single-batch decoding), at 1 and 2 threads:
 * the Llama-7B-shaped MLP stack of bench_llama_mlp.py (4 blocks, hidden 4096,
   intermediate 11008, fp32, random weights, calibrated in threshold mode);
 * one decode step of a Llama-7B-shaped ``transformers`` model (hidden 4096,
-  intermediate 11008, 32 heads, a few blocks, random weights, a 32-token
-  KV cache), every projection of every block in threshold mode.
+  intermediate 11008, 32 heads, a few blocks, a 2048-token vocabulary, random
+  weights, a 32-token KV cache), every projection of every block in threshold
+  mode, and the output head at 0% (so that the quantized rows quantize it, as
+  llama.cpp quantizes its output tensor).
 
 Rows: dense fp32, ``cpu_sparse`` at 50%, and each quantized kernel at 0, 40
 and 50%, timed interleaved in one process (the median of rotating rounds).
@@ -151,11 +153,14 @@ class Variant:
         self.label, self.model, self.sparsifier, self.kernel = label, model, sparsifier, kernel
 
     def retarget(self, level: float) -> None:
+        """Every sparsified layer to ``level``, except an output head (kept at 0%: it is
+        there only to be quantized, as llama.cpp quantizes its output tensor)."""
         if self.sparsifier is not None:
+            names = [n for n in self.sparsifier.thresholds if n != "lm_head"]
             with warnings.catch_warnings():
                 # at 0% the inputs that hold exact zeros are sparser than asked
                 warnings.simplefilter("ignore", SparsityTargetWarning)
-                self.sparsifier.retarget(dict.fromkeys(self.sparsifier.thresholds, level))
+                self.sparsifier.retarget(dict.fromkeys(names, level))
 
 
 def sparsified(
@@ -468,7 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_model is not None:
             save_for_llamacpp(model, args.save_model)
         decode = Decode()
-        rules = {r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj": {"sparsity_level": 0.5}}
+        rules = {
+            r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj": {"sparsity_level": 0.5},
+            # the output head at 0%: the quantized rows quantize it too, as llama.cpp does
+            "lm_head": {"sparsity_level": 0.0},
+        }
         llama_rows = speed_rows(
             f"Llama-7B-shaped, {args.blocks} blocks, decode",
             model,
