@@ -157,7 +157,7 @@ class KernelThreshold(Threshold):
 
             fast = scored_fast
         if compensation is not None and offset is not None:
-            added = compensation.added
+            added: Callable[[Any], Any] = compensation.added
             if not self.plan.kernel.exact:
                 # a lossy kernel computes with its own weights: compensate with those
                 kernel_shift = _kernel_shift(apply(module, 0.0), offset, module)
