@@ -3,7 +3,8 @@
 Speed, at batch 1 and one token (single-batch decoding), at 1 and 2 threads:
 
 * the Llama-7B-shaped MLP stack of bench_llama_mlp.py (4 blocks, hidden 4096,
-  intermediate 11008, fp32, random weights, calibrated in threshold mode);
+  intermediate 11008, fp32, random weights, calibrated in threshold mode),
+  and at 50% a 128-token prefill through it (speed over dense fp32);
 * one decode step of a Llama-7B-shaped ``transformers`` model (hidden 4096,
   intermediate 11008, 32 heads, a few blocks, a 2048-token vocabulary, random
   weights, a 32-token KV cache), every projection of every block in threshold
@@ -194,8 +195,10 @@ def speed_rows(
     thread_counts: list[int],
     rounds: int,
     bandwidth: dict[int, float],
+    prefill: tuple[str, Callable[[nn.Module], Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Tokens/s and GB/s of every variant of ``plain`` at each level and thread count."""
+    """Tokens/s and GB/s of every variant of ``plain`` at each level and thread count; with
+    ``prefill`` (a name and a step of many tokens), that step's time at 50% too."""
     rows: list[dict[str, Any]] = []
     fp32_sparse, fp32_sparsifier = sparsified(plain, calibrate, rules, "dense")
     variants = [Variant("cpu_sparse", fp32_sparse, fp32_sparsifier, "cpu_sparse")]
@@ -240,7 +243,45 @@ def speed_rows(
                         "MB read": round(read / 1e6, 1),
                     }
                 )
+        if prefill is not None and level == 0.5:
+            rows += prefill_rows(what, plain, variants, prefill, thread_counts, rounds)
     torch.set_num_threads(1)
+    return rows
+
+
+def prefill_rows(
+    what: str,
+    plain: nn.Module,
+    variants: list[Variant],
+    prefill: tuple[str, Callable[[nn.Module], Any]],
+    thread_counts: list[int],
+    rounds: int,
+) -> list[dict[str, Any]]:
+    """Many tokens at once (a prefill): each variant's speed over dense fp32."""
+    label, step = prefill
+    calls: dict[str, Callable[[], Any]] = {"dense fp32": lambda: step(plain)}
+    for variant in variants:
+        calls[variant.label] = lambda m=variant.model: step(m)
+    rows = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            seconds = median_times(calls, max(3, rounds // 2))
+        for name, s in seconds.items():
+            rows.append(
+                {
+                    "model": f"{what}, {label}",
+                    "kernel": name,
+                    "target": "" if name == "dense fp32" else 0.5,
+                    "threads": threads,
+                    "zeroed": "",
+                    "tok/s": "",
+                    "x dense": round(seconds["dense fp32"] / s, 2),
+                    "weight GB/s": "",
+                    "read peak GB/s": "",
+                    "MB read": "",
+                }
+            )
     return rows
 
 
@@ -465,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             bandwidth[threads] = read_bandwidth(0.25 if args.quick else 1.0)
         if not args.skip_mlp:
             plain, calibrate, hidden = mlp_stack(args.quick)
-            one = torch.randn(1, hidden)
+            one, many = torch.randn(1, hidden), torch.randn(128, hidden)
             rows += speed_rows(
                 "MLP stack",
                 plain,
@@ -475,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 thread_counts,
                 rounds,
                 bandwidth,
+                prefill=("128-token prefill", lambda m: m(many)),
             )
             del plain
         model = llama_model(args.quick, args.blocks)

@@ -158,10 +158,11 @@ at::Tensor dequantized_matmul(
     const Dequantize& dequantize) {
   const int64_t tokens = x2.size(0);
   const int64_t in = x2.size(1);
-  // about 1 MiB of float32 weights per slab (it stays in the L2 cache while
-  // the product reads it), whole column units, at least one unit
+  // about 8 MiB of float32 weights per slab, at least 256 columns: fewer and
+  // larger products for torch's matmul, whole column units
   const int64_t width = std::max<int64_t>(
-      kColumnUnit, ((int64_t{1} << 18) / std::max<int64_t>(1, in)) / kColumnUnit * kColumnUnit);
+      4 * kColumnUnit,
+      ((int64_t{1} << 21) / std::max<int64_t>(1, in)) / kColumnUnit * kColumnUnit);
   at::Tensor y_t = at::empty({out, tokens}, x2.options());
   at::Tensor buffer = at::empty({in, width}, x2.options());
   const at::Tensor x_t = x2.t();
