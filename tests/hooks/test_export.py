@@ -138,7 +138,10 @@ def test_torch_export_of_a_transformers_model(index: int) -> None:
     if index == 1:
         batch["use_cache"] = False  # no key-value cache object in the outputs
     program = torch.export.export(model, (), kwargs=batch)
-    assert len(hardshrink_thresholds(program)) == len(sparsifier.thresholds)
+    # a layer whose threshold is 0 (the greedy allocation gave it 0%) runs without a hook
+    zeroing = [r for r in sparsifier.thresholds.values() if r.threshold > 0]
+    assert zeroing
+    assert len(hardshrink_thresholds(program)) == len(zeroing)
     with torch.no_grad():
         eager = model(**batch)[0]
         assert torch.equal(program.module()(**batch)[0], eager)

@@ -400,7 +400,10 @@ def test_the_llama_preset_selects_teals_projections() -> None:
     sparsifier = sparsify(model, batches, target=0.4)  # "auto" finds the decoder preset
     expected = {f"model.layers.{i}.{s}" for i in range(2) for s in LLAMA_SUFFIXES}
     assert set(sparsifier.thresholds) == expected
-    assert sorted(hooked(model)) == sorted(expected)
+    # a layer the allocation left at 0% zeroes nothing and runs without a hook
+    zeroing = {n for n, r in sparsifier.thresholds.items() if r.threshold > 0}
+    assert zeroing
+    assert sorted(hooked(model)) == sorted(zeroing)
     names = sorted(expected)
     got = real_token_sparsity(model, names, token_batches(4))
     assert abs(got - 0.4) < 0.06, got

@@ -52,6 +52,7 @@ __all__ = [
     "ReleasingHandle",
     "check_kernel_name",
     "kernel_modes",
+    "kernel_of",
 ]
 
 #: Pick per layer the fastest exact kernel that supports it.
@@ -225,6 +226,14 @@ def _kernel_shift(
     with torch.no_grad():
         out: torch.Tensor = fn(m) - fn(torch.zeros_like(m))
     return out.detach()
+
+
+def kernel_of(mode: MaskingMode) -> str | None:
+    """The name of the kernel that computes a layer in ``mode``; None if it is not in
+    threshold mode."""
+    if isinstance(mode, KernelThreshold):
+        return mode.plan.kernel.name
+    return DENSE if isinstance(mode, Threshold) else None
 
 
 def _dense(mode: Threshold) -> Threshold:

@@ -47,7 +47,7 @@ from actsparse.core import (
     parse_state_dict,
 )
 from actsparse.hooks._distributed import combine_accumulators, resolve_group, uncombinable
-from actsparse.hooks._execution import DENSE, kernel_modes
+from actsparse.hooks._execution import DENSE, kernel_modes, kernel_of
 from actsparse.hooks._fold import fold_layers
 from actsparse.hooks._layer import Layer, MaskingMode, changed_options, resolve_config
 from actsparse.hooks._patterns import match_rules, to_rules
@@ -752,6 +752,18 @@ class ActivationSparsifier:
             layer.mode = mode
             if layer.hook_state == SPARSIFY:
                 layer.attach(SPARSIFY)
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """The kernel that computes each threshold-mode layer once squashed, by layer name:
+        ``"dense"`` or a registered kernel's name (what ``"auto"`` chose, per layer; its
+        inputs above the measured crossover take the dense path). Static-mask layers are
+        not listed."""
+        return {
+            name: kernel
+            for name, layer in self._layers.items()
+            if (kernel := kernel_of(layer.mode)) is not None
+        }
 
     # --------------------------------------------------------------- folding
 

@@ -423,8 +423,12 @@ class Threshold:
         if result is None:  # squash_mask() and load_state_dict() refuse this
             raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
         threshold = result.threshold
-        compensation = None if self._offset is None else Compensation(layer, self._offset)
         zero = scored_zero(layer, threshold)
+        if zero is None and threshold <= 0 and (self._offset is None or not self._offset.any()):
+            # hardshrink at a threshold <= 0 zeroes only zeros, and a zero offset adds
+            # nothing: the layer runs as it is, without a hook to call (a target of 0%)
+            return _Handles()
+        compensation = None if self._offset is None else Compensation(layer, self._offset)
         if zero is not None:
 
             def scored_sparsify_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

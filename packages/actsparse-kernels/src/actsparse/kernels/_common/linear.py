@@ -5,15 +5,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor, nn
 
 from actsparse.kernels._common.layout import to_input_major
 
-__all__ = ["dtype_names", "linear_apply", "linear_support"]
+__all__ = ["Direct", "dtype_names", "linear_apply", "linear_support"]
 
 #: ``op(x, weight_t, bias, threshold) -> y``, as :func:`~actsparse.kernels.sparse_linear`.
 ThresholdOp = Callable[[Tensor, Tensor, "Tensor | None", float], Tensor]
+
+
+@attrs.frozen
+class Direct:
+    """A way past the custom op's Python layers for calls that need no autograd.
+
+    ``kernel()`` gives the compiled operator that the op's own implementation
+    calls (it checks its arguments itself), or None when it cannot run here.
+    :func:`linear_apply` calls it directly when grad mode is off (or nothing
+    requires a gradient), outside ``torch.compile``, for inputs on ``device_type``
+    whose dtype is the weight's and one of ``dtypes``; every other call goes
+    through the op. At one token the op's Python layers (the dispatcher's Python
+    kernel, the argument checks, the autograd wrapper) cost tens of microseconds,
+    as much as a small layer's whole product.
+    """
+
+    kernel: Callable[[], ThresholdOp | None]
+    device_type: str
+    dtypes: tuple[torch.dtype, ...]
 
 
 def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
@@ -37,7 +57,9 @@ def linear_support(
     return None
 
 
-def linear_apply(op: ThresholdOp) -> Callable[[nn.Linear, float], Callable[[Tensor], Tensor]]:
+def linear_apply(
+    op: ThresholdOp, *, direct: Direct | None = None
+) -> Callable[[nn.Linear, float], Callable[[Tensor], Tensor]]:
     """A ``KernelStrategy.apply`` that computes an ``nn.Linear`` with ``op``.
 
     The returned function re-stores the layer's weight input-major once
@@ -53,18 +75,53 @@ def linear_apply(op: ThresholdOp) -> Callable[[nn.Linear, float], Callable[[Tens
     dense layer, and gradients reach the weight and the bias. A weight that is
     no longer input-major is re-stored input-major at its next call (once; the
     op would otherwise copy it on every call).
+
+    With ``direct``, a call that needs no autograd and is not traced runs the
+    compiled operator without the op's Python layers (:class:`Direct`): the
+    same function of the same arguments, so the same result.
     """
 
     def apply(module: nn.Linear, threshold: float) -> Callable[[Tensor], Tensor]:
         to_input_major(module)
+        kernel = None if direct is None else direct.kernel()
+        if kernel is None or direct is None:
 
-        def run(x: Tensor) -> Tensor:
-            weight_t = module.weight.T
-            if not weight_t.is_contiguous():  # replaced or re-laid out since the last call
-                to_input_major(module)
-                weight_t = module.weight.T
-            return op(x, weight_t, module.bias, threshold)
+            def run(x: Tensor) -> Tensor:
+                return op(x, _input_major(module), module.bias, threshold)
 
-        return run
+            return run
+        device_type, dtypes = direct.device_type, direct.dtypes
+
+        def run_direct(x: Tensor) -> Tensor:
+            weight_t = _input_major(module)
+            bias = module.bias
+            if (
+                x.dtype is weight_t.dtype
+                and x.dtype in dtypes
+                and x.device.type == device_type
+                and not torch.compiler.is_compiling()
+                and not (
+                    torch.is_grad_enabled()
+                    and (
+                        x.requires_grad
+                        or weight_t.requires_grad
+                        or (bias is not None and bias.requires_grad)
+                    )
+                )
+            ):
+                return kernel(x, weight_t, bias, threshold)
+            return op(x, weight_t, bias, threshold)
+
+        return run_direct
 
     return apply
+
+
+def _input_major(module: nn.Linear) -> Tensor:
+    """``module.weight.T``, contiguous: the weight is re-stored input-major first if it was
+    replaced or re-laid out since the last call."""
+    weight_t = module.weight.T
+    if not weight_t.is_contiguous():
+        to_input_major(module)
+        weight_t = module.weight.T
+    return weight_t

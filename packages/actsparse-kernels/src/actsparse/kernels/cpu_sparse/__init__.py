@@ -13,6 +13,7 @@ and why not). :func:`measure_crossover` measures up to how many tokens it pays.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -27,12 +28,13 @@ from actsparse.kernels._common.crossover import (
     perf_counter_timer,
     sparse_faster,
 )
-from actsparse.kernels._common.linear import linear_apply, linear_support
+from actsparse.kernels._common.linear import Direct, linear_apply, linear_support
 from actsparse.kernels._common.reference import sparse_linear_reference
 from actsparse.kernels.cpu_sparse._op import (
     EXTENSION,
     KERNEL_DTYPES,
     OP_NAME,
+    compiled_kernel,
     cpu_kernel_status,
     sparse_linear,
 )
@@ -51,6 +53,11 @@ __all__ = [
 
 #: a timed sample runs the call in a loop until it lasts at least this long
 MIN_SAMPLE_SECONDS = 2e-4
+#: the measurement cycles through copies of the weight that add up to at least this many
+#: bytes (at most :data:`MAX_COPIES`), so that each call reads its weight from beyond the
+#: core's own caches, as a layer of a many-layer model does when it decodes a token
+COLD_BYTES = 32 * 2**20
+MAX_COPIES = 64
 
 _cache = CrossoverCache()
 
@@ -70,12 +77,19 @@ def measure_crossover(
     ``F.linear`` on the same input-major weight) on synthetic inputs of the
     given ``sparsity`` (the fraction of entries zeroed), at 1, 2, 4, 8, ...
     tokens up to ``max_tokens``, and returns the last count at which the
-    sparse op won before it first lost: 0 if it never won. Each count's
+    sparse op won before it first lost: 0 if it never won. The weights are
+    cold: each call reads the next of several copies of the weight that
+    together take at least :data:`COLD_BYTES` (32 MiB, at most 64 copies), so
+    neither path finds its weight in the core's caches. That is how a layer
+    runs inside a model whose layers do not all fit there, decoding one token
+    after another; a hot-cache measurement favours the dense product on small
+    layers. Each count's
     verdict is the median of three interleaved pairs of samples, after one
     warm-up call of each: eight calls per count, so the cost is about eight
     times the layer's time per count tried. That is a few milliseconds for
     small layers and one to a few seconds for a 4096 x 11008 float32 layer
-    (which also allocates its weights once per measurement).
+    (which also allocates its weights once per measurement; small layers
+    allocate up to 32 MiB of copies for the measurement's duration).
 
     ``threads`` sets :func:`torch.set_num_threads` during the measurement
     (restored afterwards); ``None`` measures at the current setting. Results
@@ -108,18 +122,22 @@ def _measure(
     in_features: int, out_features: int, dtype: torch.dtype, sparsity: float, max_tokens: int
 ) -> int:
     generator = torch.Generator().manual_seed(0)
+    size = in_features * out_features * torch.empty((), dtype=dtype).element_size()
+    copies = max(1, min(MAX_COPIES, -(-COLD_BYTES // max(size, 1))))
     # The speed of neither path depends on the weights' values.
-    weight_t = torch.full((in_features, out_features), 0.01, dtype=dtype)
+    weights = [torch.full((in_features, out_features), 0.01, dtype=dtype) for _ in range(copies)]
     # |x| is uniform on [0, 1): the entries with |x| <= sparsity are zeroed.
     x = (torch.rand(max_tokens, in_features, generator=generator) * 2 - 1).to(dtype)
-    return last_winning_count(lambda tokens: _wins(x[:tokens], weight_t, sparsity), max_tokens)
+    return last_winning_count(lambda tokens: _wins(x[:tokens], weights, sparsity), max_tokens)
 
 
-def _wins(x: Tensor, weight_t: Tensor, threshold: float) -> bool:
-    """Whether the sparse op beats the dense reference on ``x``."""
+def _wins(x: Tensor, weights: list[Tensor], threshold: float) -> bool:
+    """Whether the sparse op beats the dense reference on ``x``, each call on the next of
+    ``weights``."""
+    turn = itertools.cycle(weights)
     return sparse_faster(
-        lambda: sparse_linear(x, weight_t, None, threshold),
-        lambda: sparse_linear_reference(x, weight_t, None, threshold),
+        lambda: sparse_linear(x, next(turn), None, threshold),
+        lambda: sparse_linear_reference(x, next(turn), None, threshold),
         perf_counter_timer,
         min_sample_seconds=MIN_SAMPLE_SECONDS,
     )
@@ -148,7 +166,9 @@ KERNEL_NAME = "cpu_sparse"
 KERNEL = KernelStrategy(
     name=KERNEL_NAME,
     supports=_supports,
-    apply=linear_apply(sparse_linear),
+    apply=linear_apply(
+        sparse_linear, direct=Direct(compiled_kernel, device_type="cpu", dtypes=KERNEL_DTYPES)
+    ),
     available=_available,
     crossover=_layer_crossover,
     description="nn.Linear on the CPU (float32, bfloat16): skips the weight rows of "

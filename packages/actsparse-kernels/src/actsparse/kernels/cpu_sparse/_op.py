@@ -16,6 +16,7 @@ every other device computes the dense reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,14 @@ from actsparse.kernels._common.build import NAMESPACE, CppExtension
 from actsparse.kernels._common.reference import define_op, sparse_linear_reference
 from actsparse.kernels._common.status import KernelStatus
 
-__all__ = ["EXTENSION", "KERNEL_DTYPES", "OP_NAME", "cpu_kernel_status", "sparse_linear"]
+__all__ = [
+    "EXTENSION",
+    "KERNEL_DTYPES",
+    "OP_NAME",
+    "compiled_kernel",
+    "cpu_kernel_status",
+    "sparse_linear",
+]
 
 OP_NAME = "actsparse::sparse_linear"
 #: the dtypes the compiled kernel runs; others take the dense reference
@@ -42,6 +50,17 @@ def cpu_kernel_status(*, build: bool = True) -> KernelStatus:
     """Whether the zero-skipping CPU kernel is available, and the reason
     (:meth:`CppExtension.status <actsparse.kernels._common.build.CppExtension.status>`)."""
     return EXTENSION.status(build=build)
+
+
+def compiled_kernel() -> Callable[[Tensor, Tensor, Tensor | None, float], Tensor] | None:
+    """The compiled operator that the op runs on float32 and bfloat16 CPU tensors, or None
+    if it could not be built. It checks its own arguments (a ``RuntimeError`` otherwise)."""
+    if not cpu_kernel_status().available:
+        return None
+    kernel: Callable[[Tensor, Tensor, Tensor | None, float], Tensor] = getattr(
+        torch.ops, NAMESPACE
+    ).sparse_linear_cpu.default
+    return kernel
 
 
 def _kernel_cpu(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
