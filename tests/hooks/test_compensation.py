@@ -69,6 +69,21 @@ def test_the_offset_is_the_mean_of_the_zeroed_values_per_feature() -> None:
     torch.testing.assert_close(offset, x.double().mean(0))  # everything is zeroed
 
 
+def test_a_threshold_of_zero_has_no_offset() -> None:
+    # values too small for the histogram's octaves share its first bin with the zeros;
+    # a threshold of 0 keeps them, so nothing nonzero is zeroed and nothing is added back
+    x = torch.randn(400, 3)
+    x[:100] = 0.0
+    x[100:200] = 1e-38
+    acc = init_histogram(x, feature_sums=True)
+    acc = abs_histogram_aggregate(acc, x, feature_sums=True)
+    stats = finalize_histogram(acc, feature_sums=True)
+    threshold, _, zero_fraction, offset = target_threshold(stats, 0.0)
+    assert threshold == 0.0
+    assert zero_fraction > 0.25
+    assert not offset.any()
+
+
 def test_invalid_positions_stay_out_of_the_sums() -> None:
     x = torch.randn(2, 10, 3)
     valid = torch.zeros(2, 10, dtype=torch.bool)

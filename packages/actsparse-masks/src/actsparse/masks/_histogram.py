@@ -324,7 +324,9 @@ def target_threshold(
     level = float(sparsity_level)
     if level <= zero_fraction:
         if sums is not None:
-            return 0.0, zero_fraction, zero_fraction, _offset(sums, counts, total, 0, 1.0)
+            # a threshold of 0 zeroes only zeros (the first bin's tiny values stay): no offset
+            width, dtype = sums.sums.shape[1], sums.sums.dtype
+            return 0.0, zero_fraction, zero_fraction, torch.zeros(width, dtype=dtype)
         return 0.0, zero_fraction, zero_fraction
     index = int(torch.searchsorted(cumulative, torch.tensor([level], dtype=torch.float64)))
     index = min(max(index, 1), edges.shape[0] - 1)
