@@ -68,6 +68,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help=f"how many times each batch is timed on both models (default: {REPEAT})",
     )
+    add_decode_option(parser)
+
+
+#: How many tokens the decode measurement generates after the first (causal models).
+DECODE_TOKENS = 16
+
+
+def add_decode_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--decode-tokens",
+        type=_recipe.non_negative_int,
+        default=DECODE_TOKENS,
+        metavar="N",
+        help="causal language models: also time greedy generate() with the KV cache, "
+        "dense and sparse side by side, N new tokens after the first (the prefill taken "
+        f"out), --repeat times each; 0 turns it off (default: {DECODE_TOKENS})",
+    )
+
+
+def decode_line(decode: _measure.Decode) -> str:
+    return (
+        f"decoding (greedy generate(), {decode.new_tokens} tokens after the prefill): "
+        f"dense {decode.dense:.2f} tok/s, sparse {decode.sparse:.2f} tok/s "
+        f"({decode.ratio:.3f}x)"
+    )
 
 
 def check_kernel(kernel: str) -> None:
@@ -158,8 +183,11 @@ def report(evaluation: _measure.Evaluation, kernel: str) -> str:
         )
     lines.append(
         f"time over the dense model: {evaluation.time_ratio:.3f}x (kernel {kernel}; median "
-        f"over {evaluation.repeat} repetitions of each batch, timed side by side)"
+        f"over {evaluation.repeat} repetitions of each batch, timed side by side; for a "
+        "causal model this is prefill)"
     )
+    if evaluation.decode is not None:
+        lines.append(decode_line(evaluation.decode))
     return "\n".join(lines)
 
 
@@ -200,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
             dense_reference,
             repeat=args.repeat,
             progress=args.progress,
+            decode_tokens=args.decode_tokens,
         )
     print()
     print(report(evaluation, args.kernel))

@@ -27,7 +27,7 @@ from actsparse.cli._cmd_calibrate import (
     weighted,
     widths,
 )
-from actsparse.cli._cmd_evaluate import REPEAT, check_kernel
+from actsparse.cli._cmd_evaluate import REPEAT, add_decode_option, check_kernel, decode_line
 from actsparse.cli._outputs import check_dir, written_together
 
 __all__ = ["HELP", "configure", "run"]
@@ -95,6 +95,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help=f"how many times each batch is timed on both models, per target (default: {REPEAT})",
     )
+    add_decode_option(parser)
     parser.add_argument(
         "--tolerance",
         type=_tolerance,
@@ -119,27 +120,50 @@ def state_name(target: float) -> str:
 
 def table(rows: Sequence[Row], kind: str, dense_perplexity: float | None) -> str:
     head = f"{'perplexity':>10}  {'change':>7}" if kind == _hf.CAUSAL else f"{'cosine':>7}"
-    lines = [f"{'target':>6}  {'expected':>8}  {'sparsity':>8}  {head}  {'time/dense':>10}  state"]
+    decoding = any(row.evaluation.decode is not None for row in rows)
+    if decoding:
+        head += (
+            f"  {'prefill/dense':>13}  {'decode tok/s':>12}  {'dense tok/s':>11}  {'speed-up':>8}"
+        )
+    else:
+        head += f"  {'time/dense':>10}"
+    lines = [f"{'target':>6}  {'expected':>8}  {'sparsity':>8}  {head}  state"]
     for row in rows:
         e = row.evaluation
         if kind == _hf.CAUSAL:
             quality = f"{e.perplexity:>10.4g}  {e.perplexity_change:>+7.1%}"
         else:
             quality = f"{e.cosine:>7.4f}"
+        if decoding:
+            d = e.decode
+            speed = f"{e.time_ratio:>12.3f}x  " + (
+                f"{d.sparse:>12.2f}  {d.dense:>11.2f}  {d.ratio:>7.3f}x"
+                if d is not None
+                else f"{'-':>12}  {'-':>11}  {'-':>8}"
+            )
+        else:
+            speed = f"{e.time_ratio:>9.3f}x"
         lines.append(
             f"{row.target:>6.2f}  {row.expected:>8.1%}  {e.sparsity:>8.1%}  {quality}  "
-            f"{e.time_ratio:>9.3f}x  {row.state}"
+            f"{speed}  {row.state}"
         )
     if kind == _hf.CAUSAL and dense_perplexity is not None:
         lines.append(f"dense perplexity: {dense_perplexity:.4g}")
+    if decoding:
+        lines.append(
+            "prefill/dense: whole passages, sparse time over dense; decode: greedy "
+            "generate() with the KV cache, the prefill taken out, side by side"
+        )
     return "\n".join(lines)
 
 
 def plot(rows: Sequence[Row], kind: str, title: str, dense_perplexity: float | None) -> bytes:
     from matplotlib.figure import Figure  # type: ignore[import-not-found, unused-ignore]
 
-    figure = Figure(figsize=(7.5, 4.5), layout="constrained")
-    axes = figure.subplots()
+    decodes = [row.evaluation.decode for row in rows]
+    decoding = all(d is not None for d in decodes) and bool(decodes)
+    figure = Figure(figsize=(12.5 if decoding else 7.5, 4.5), layout="constrained")
+    axes: Any = figure.subplots(1, 2)[0] if decoding else figure.subplots()
     sparsity = [100 * row.evaluation.sparsity for row in rows]
     if kind == _hf.CAUSAL:
         quality = [row.evaluation.perplexity for row in rows]
@@ -163,7 +187,7 @@ def plot(rows: Sequence[Row], kind: str, title: str, dense_perplexity: float | N
         marker="s",
         linestyle="--",
         color="tab:orange",
-        label="time / dense",
+        label="time / dense" + (" (prefill)" if decoding else ""),
     )
     speed.axhline(1.0, color="tab:orange", linestyle=":", alpha=0.5)
     ratios = [row.evaluation.time_ratio for row in rows]
@@ -174,6 +198,22 @@ def plot(rows: Sequence[Row], kind: str, title: str, dense_perplexity: float | N
     more = speed.get_legend_handles_labels()
     axes.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left")
     axes.set_title(title, fontsize=10)
+    if decoding:
+        right = figure.axes[1]
+        right.plot(
+            sparsity, [d.sparse for d in decodes if d], marker="o", color="tab:green",
+            label="sparse model",
+        )  # fmt: skip
+        right.plot(
+            sparsity, [d.dense for d in decodes if d], linestyle=":", color="gray",
+            label="dense model (timed beside each)",
+        )  # fmt: skip
+        right.set_xlabel("activation sparsity on real tokens (%)")
+        right.set_ylabel("decode tokens/s (greedy generate(), KV cache)")
+        right.set_ylim(bottom=0)
+        right.grid(True, alpha=0.3)
+        right.legend(loc="lower left")
+        right.set_title("token-by-token decoding", fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
@@ -272,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
                 repeat=args.repeat,
                 progress=args.progress,
                 label=f"target {target:g}",
+                decode_tokens=args.decode_tokens,
             )
         name = state_name(target)
         states[name] = copy.deepcopy(sparsifier.state_dict())
@@ -286,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
             f"time over dense {result.time_ratio:.3f}x",
             flush=True,
         )
+        if result.decode is not None:
+            print(f"target {target:g}: {decode_line(result.decode)}", flush=True)
 
     chosen = choose(rows, args.tolerance)
     text = table(rows, text_model.kind, dense_reference.perplexity)

@@ -9,7 +9,10 @@
   beside the dense model's.
 * Time: the sparse model's time over the dense model's on the same batches,
   measured side by side: each batch runs through both back to back, in an
-  order that alternates, and the median of the ratios is reported.
+  order that alternates, and the median of the ratios is reported. That is
+  the time of whole passages (for a causal model, prefill).
+* Decoding (causal models): tokens per second of greedy ``generate()`` with
+  the KV cache, dense and sparse side by side (:func:`decode_speed`).
 """
 
 from __future__ import annotations
@@ -26,10 +29,103 @@ import torch.nn.functional as F
 from torch import nn
 
 from actsparse.cli._hf import CAUSAL, each
+from actsparse.core import ConfigError
 
-__all__ = ["Evaluation", "Reference", "evaluate", "reference"]
+__all__ = ["Decode", "Evaluation", "Reference", "decode_speed", "evaluate", "reference"]
+
+#: The prompt of the decode measurement: the first passage's first real tokens.
+DECODE_PROMPT = 32
 
 Batch = dict[str, torch.Tensor]
+
+
+@attrs.frozen
+class Decode:
+    """Token-by-token generation, dense and sparse, measured side by side.
+
+    Attributes:
+        new_tokens: How many tokens each timed generation adds after the first.
+        dense: The dense model's tokens per second.
+        sparse: The sparse model's tokens per second.
+    """
+
+    new_tokens: int
+    dense: float
+    sparse: float
+
+    @property
+    def ratio(self) -> float:
+        """The sparse model's tokens per second over the dense model's."""
+        return self.sparse / self.dense
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens,
+            "dense_tokens_per_s": self.dense,
+            "sparse_tokens_per_s": self.sparse,
+            "ratio": self.ratio,
+        }
+
+
+def _generate_seconds(model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:
+    """Seconds for greedy ``generate()`` of exactly ``tokens`` new tokens, with the cache."""
+    generation = getattr(model, "generate", None)
+    if generation is None:
+        raise ConfigError("the model has no generate(); decode speed needs a causal LM")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        generation(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            use_cache=True,
+        )
+    return time.perf_counter() - start
+
+
+def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for ``new_tokens`` tokens of greedy decoding after ``prompt``'s prefill: the
+    time of ``1 + new_tokens`` generated tokens minus the time of 1 (the prefill and the
+    first token)."""
+    longer = _generate_seconds(model, prompt, 1 + new_tokens)
+    return max(longer - _generate_seconds(model, prompt, 1), 1e-9)
+
+
+def decode_speed(
+    dense: nn.Module,
+    sparse: nn.Module,
+    prompt: torch.Tensor,
+    *,
+    new_tokens: int,
+    repeat: int,
+) -> Decode:
+    """Greedy decoding tokens per second of ``dense`` and ``sparse`` from ``prompt``
+    (``(1, length)`` token ids), side by side.
+
+    After one warm-up decode on each, the two are timed ``repeat`` times in an
+    order that alternates; each side's median time gives its tokens per second.
+    """
+    for model in (dense, sparse):
+        decode_seconds(model, prompt, new_tokens)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    models = (dense, sparse)
+    for rep in range(repeat):
+        for side in (0, 1) if rep % 2 == 0 else (1, 0):
+            times[side].append(decode_seconds(models[side], prompt, new_tokens))
+    return Decode(
+        new_tokens=new_tokens,
+        dense=new_tokens / statistics.median(times[0]),
+        sparse=new_tokens / statistics.median(times[1]),
+    )
+
+
+def decode_prompt(batches: Sequence[Batch]) -> torch.Tensor:
+    """The first passage's first :data:`DECODE_PROMPT` real tokens, as ``(1, length)``."""
+    batch = batches[0]
+    real = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    return real[:DECODE_PROMPT].unsqueeze(0)
 
 
 @attrs.frozen
@@ -98,6 +194,8 @@ class Evaluation:
         time_ratio: The sparse model's time over the dense model's (the median over the
             pairs of timed batches).
         repeat: How many times each batch was timed on both models.
+        decode: Causal models: greedy decoding speed, dense and sparse (None when
+            not measured).
     """
 
     layers: dict[str, float]
@@ -107,6 +205,7 @@ class Evaluation:
     dense_perplexity: float | None
     time_ratio: float
     repeat: int
+    decode: Decode | None = None
 
     @property
     def perplexity_change(self) -> float | None:
@@ -133,6 +232,8 @@ class Evaluation:
             out["perplexity_change"] = self.perplexity_change
         out["time_ratio"] = self.time_ratio
         out["timing_repeats"] = self.repeat
+        if self.decode is not None:
+            out["decode"] = self.decode.to_json()
         return out
 
 
@@ -218,8 +319,11 @@ def evaluate(
     repeat: int,
     progress: bool | None,
     label: str = "sparse model",
+    decode_tokens: int = 0,
 ) -> Evaluation:
-    """Sparsity, quality and time of ``sparse`` (hooked) against ``dense`` on ``batches``."""
+    """Sparsity, quality and time of ``sparse`` (hooked) against ``dense`` on ``batches``;
+    for a causal model with ``decode_tokens`` > 0, also its decoding speed
+    (:func:`decode_speed`, ``repeat`` times each, from :func:`decode_prompt`)."""
     counter = _ZeroCount(sparse, thresholds)
     handles = counter.attach()
     into: dict[str, Any] = {"embeddings": [], "nll": 0.0, "predicted": 0}
@@ -246,6 +350,11 @@ def evaluate(
         embeddings = torch.cat(into["embeddings"])
         cosine = float(F.cosine_similarity(embeddings, dense_reference.embeddings, dim=-1).mean())
     ratio = time_ratio(dense, sparse, batches, repeat=repeat, progress=progress)
+    decode = None
+    if kind == CAUSAL and decode_tokens > 0:
+        decode = decode_speed(
+            dense, sparse, decode_prompt(batches), new_tokens=decode_tokens, repeat=repeat
+        )
     return Evaluation(
         layers=layers,
         sparsity=overall,
@@ -254,4 +363,5 @@ def evaluate(
         dense_perplexity=dense_reference.perplexity,
         time_ratio=ratio,
         repeat=repeat,
+        decode=decode,
     )

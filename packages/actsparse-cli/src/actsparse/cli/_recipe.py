@@ -76,6 +76,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: the most new tokens a decode measurement may ask for
+MAX_DECODE_TOKENS = 4096
+
+
+def non_negative_int(text: str) -> int:
+    """A count of new tokens: an integer from 0 to :data:`MAX_DECODE_TOKENS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_DECODE_TOKENS:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer from 0 to {MAX_DECODE_TOKENS}")
+    return value
+
+
 def layers_spec(text: str) -> str:
     """A preset name or a regular expression (checked against the model later)."""
     try:
