@@ -89,7 +89,7 @@ def test_sweep_reports_decode_speed_for_a_causal_model(
     text = _text_models.write_text(tmp_path / "text.txt")
     out = tmp_path / "sweep"
     argv = ["sweep", model, "--text", text, "--targets", "0.3,0.5", "--out", out]
-    code, stdout, err = _run([*argv, "--repeat", "1", "--decode-tokens", "3"], capsys)
+    code, _, err = _run([*argv, "--repeat", "1", "--decode-tokens", "3"], capsys)
     assert code == 0, err
     rows = json.loads((out / "results.json").read_text())["rows"]
     for row in rows:
@@ -105,7 +105,7 @@ def test_sweep_reports_decode_speed_for_a_causal_model(
     assert "prefill/dense" in table.splitlines()[0]
     assert (out / "quality_vs_sparsity.png").read_bytes().startswith(b"\x89PNG")
     # --decode-tokens 0 turns it off
-    code, stdout, err = _run([*argv, "--repeat", "1", "--decode-tokens", "0"], capsys)
+    code, _, err = _run([*argv, "--repeat", "1", "--decode-tokens", "0"], capsys)
     assert code == 0, err
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert all("decode" not in row for row in rows)

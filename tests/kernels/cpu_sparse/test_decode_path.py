@@ -76,6 +76,14 @@ def test_a_float64_input_is_left_to_the_op() -> None:
     assert "actsparse::sparse_linear" in ops
 
 
+def test_a_misshapen_input_is_refused_by_the_ops_checks() -> None:
+    from actsparse.core import ConfigError
+
+    model, _ = _squashed("cpu_sparse")
+    with torch.no_grad(), pytest.raises(ConfigError, match="features"):
+        model[0](torch.randn(1, 31))
+
+
 def test_the_crossover_is_measured_on_cold_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[torch.Tensor]] = []
 

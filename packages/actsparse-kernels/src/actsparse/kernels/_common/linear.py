@@ -98,6 +98,8 @@ def linear_apply(
             if (
                 x.dtype is weight_t.dtype
                 and x.dtype in dtypes
+                and x.ndim >= 1
+                and x.shape[-1] == weight_t.shape[0]  # else the op's checks name the fault
                 and x.device.type == device_type
                 and not torch.compiler.is_compiling()
                 and not (
