@@ -340,10 +340,10 @@ def test_crossover_is_the_last_token_count_the_sparse_op_wins(
 ) -> None:
     seen: list[tuple[int, int]] = []
 
-    def wins_up_to(limit: int) -> Callable[[torch.Tensor, torch.Tensor, float], bool]:
-        def faster(x: torch.Tensor, weight_t: torch.Tensor, threshold: float) -> bool:
+    def wins_up_to(limit: int) -> Callable[[torch.Tensor, list[torch.Tensor], float], bool]:
+        def faster(x: torch.Tensor, weights: list[torch.Tensor], threshold: float) -> bool:
             seen.append((x.shape[0], torch.get_num_threads()))
-            assert weight_t.shape == (16, 8)
+            assert all(w.shape == (16, 8) for w in weights)
             assert threshold == 0.5
             return x.shape[0] <= limit
 
