@@ -623,3 +623,14 @@ def test_without_transformers_the_error_names_the_extra(
     line = one_error_line(err, command)
     assert f"actsparse {command} needs transformers: " in line
     assert 'pip install "actsparse-cli[hf]"' in line
+
+
+def test_the_allocations_are_sparsifys_own() -> None:
+    from actsparse import hooks
+    from actsparse.cli import _recipe
+
+    assert _recipe.ALLOCATIONS == hooks.ALLOCATIONS
+    assert [_recipe.allocation(name) for name in hooks.ALLOCATIONS] == list(hooks.ALLOCATIONS)
+    assert "greedy_exact" in hooks.ALLOCATIONS
+    with pytest.raises(Exception, match="'balanced' is not one of uniform, greedy, greedy_exact"):
+        _recipe.allocation("balanced")

@@ -65,7 +65,10 @@ def test_torch_export_keeps_the_thresholds_in_the_graph() -> None:
     model, dense, sparsifier = squashed_encoder()
     x = torch.randn(3, 7, 16)
     program = torch.export.export(model, (x,))
-    assert hardshrink_thresholds(program) == [r.threshold for r in sparsifier.thresholds.values()]
+    # a layer the allocation left at 0% zeroes nothing and has no hook to export
+    zeroing = [r.threshold for r in sparsifier.thresholds.values() if r.threshold > 0]
+    assert zeroing
+    assert hardshrink_thresholds(program) == zeroing
     with torch.no_grad():
         eager = model(x)
         assert torch.equal(program.module()(x), eager)

@@ -265,13 +265,13 @@ def test_a_model_that_raises_mid_calibration_keeps_no_hook() -> None:
     model, batches = model_and_batches(4)
     calls = 0
 
-    def fail_on_third(module: nn.Module, args: Any, kwargs: Any) -> None:
+    def fail_in_calibration(module: nn.Module, args: Any, kwargs: Any) -> None:
         nonlocal calls
         calls += 1
-        if calls == 3:
+        if calls == 6:  # after the 4 probe examples' references and one calibration batch
             raise RuntimeError("out of memory, say")
 
-    handle = model.register_forward_pre_hook(fail_on_third, with_kwargs=True)
+    handle = model.register_forward_pre_hook(fail_in_calibration, with_kwargs=True)
     with pytest.raises(RuntimeError, match="out of memory"):
         sparsify(model, batches, target=0.5)
     handle.remove()

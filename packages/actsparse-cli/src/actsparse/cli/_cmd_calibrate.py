@@ -102,8 +102,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--allocation",
         type=_recipe.allocation,
         default=None,
-        help="greedy: per-layer levels from each layer's sensitivity measured on 4 "
-        "passages (default, as sparsify()); uniform: every layer at the target",
+        help="greedy: per-layer levels from each layer's sensitivity, estimated on 4 "
+        "passages (default, as sparsify()); greedy_exact: the same, measured with a "
+        "forward pass per layer and level; uniform: every layer at the target",
     )
     parser.add_argument(
         "--split",

@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 
+from actsparse import hooks
 from actsparse.cli._app import CommandError
 from actsparse.cli._hf import SPLITS
 from actsparse.cli._inputs import JSONBoundError, parse_json, read_regular
@@ -41,7 +42,7 @@ RECIPE_VERSION = 1
 #: The largest recipe read; the recipes that ``actsparse sweep`` writes are under 1 KiB.
 MAX_RECIPE_BYTES = 64 * 1024
 #: How ``sparsify()`` spreads the target over the layers (its ``allocation``).
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = hooks.ALLOCATIONS
 
 
 def target(text: str) -> float:

@@ -17,19 +17,20 @@ import warnings
 from typing import Any
 
 from actsparse.core import STATE_FORMAT_VERSION, ThresholdResult
-from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
+from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity, linearized_sensitivity
 from actsparse.hooks._calibrate import CalibrationSummary, calibrate
 from actsparse.hooks._execution import KernelWarning, check_kernel_name
 from actsparse.hooks._fold import PrunedConv1d, PrunedConv2d, PrunedConv3d, PrunedLinear
 from actsparse.hooks._patterns import LayerRule
 from actsparse.hooks._presets import PRESETS
 from actsparse.hooks._sparsifier import ActivationSparsifier, WorkflowWarning
-from actsparse.hooks._sparsify import sparsify
+from actsparse.hooks._sparsify import ALLOCATIONS, sparsify
 from actsparse.hooks._threshold import SparsityTargetWarning
 
 __version__ = importlib.metadata.version("actsparse-hooks")
 
 __all__ = [
+    "ALLOCATIONS",
     "STATE_FORMAT_VERSION",
     "ActivationSparsifier",
     "CalibrationSummary",
@@ -48,6 +49,7 @@ __all__ = [
     "calibrate",
     "check_kernel_name",
     "layer_sensitivity",
+    "linearized_sensitivity",
     "sparsify",
 ]
 

@@ -3,7 +3,9 @@
 :func:`layer_sensitivity` measures, for each threshold-mode layer alone, a
 user-given error (for instance ``1 - cosine`` of the model's output against the
 dense model's on held-out calibration data) at a grid of levels, moving the
-thresholds with ``retarget()`` (no new calibration). :func:`allocate_greedy`
+thresholds with ``retarget()`` (no new calibration): a forward pass per layer
+and level. :func:`linearized_sensitivity` estimates the same table, to second
+order, from a few backward passes whatever the number of layers. :func:`allocate_greedy`
 then raises, one grid step at a time, the level of the layer whose next step
 costs the least error per unit of model-wide sparsity, until the weighted mean
 level reaches the target. It treats the layers' errors as additive; the
@@ -15,15 +17,17 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from actsparse.core import ConfigError
+import torch
+
+from actsparse.core import LAYER_KEY, ConfigError
 from actsparse.hooks._threshold import SparsityTargetWarning
 
 if TYPE_CHECKING:
     from actsparse.hooks._sparsifier import ActivationSparsifier
 
-__all__ = ["allocate_greedy", "layer_sensitivity"]
+__all__ = ["allocate_greedy", "layer_sensitivity", "linearized_sensitivity"]
 
 
 def _levels(levels: object) -> list[float]:
@@ -39,6 +43,21 @@ def _levels(levels: object) -> list[float]:
     return sorted({float(v) for v in levels})
 
 
+def _names(
+    sparsifier: ActivationSparsifier, layers: Sequence[str] | None, caller: str
+) -> list[str]:
+    known = sparsifier.thresholds
+    names = list(known) if layers is None else list(layers)
+    missing = [n for n in names if n not in known]
+    if missing or not names:
+        raise ConfigError(
+            f"{caller} needs threshold-mode layers after step(); "
+            f"{', '.join(map(repr, missing)) or 'none'} are not (known: "
+            f"{', '.join(map(repr, known)) or 'none'})"
+        )
+    return names
+
+
 def layer_sensitivity(
     sparsifier: ActivationSparsifier,
     error: Callable[[], float],
@@ -51,15 +70,8 @@ def layer_sensitivity(
     The thresholds are put back as they were before the call returns.
     """
     grid = _levels(levels)
+    names = _names(sparsifier, layers, "layer_sensitivity")
     known = sparsifier.thresholds
-    names = list(known) if layers is None else list(layers)
-    missing = [n for n in names if n not in known]
-    if missing or not names:
-        raise ConfigError(
-            f"layer_sensitivity needs threshold-mode layers after step(); "
-            f"{', '.join(map(repr, missing)) or 'none'} are not (known: "
-            f"{', '.join(map(repr, known)) or 'none'})"
-        )
     before = {n: known[n].target for n in names}
     table: dict[str, dict[float, float]] = {}
     with warnings.catch_warnings():
@@ -76,6 +88,177 @@ def layer_sensitivity(
                 table[name] = row
         finally:
             sparsifier.retarget(before)
+    return table
+
+
+#: What :func:`linearized_sensitivity` estimates: the relative squared error of the
+#: output, or the mean KL divergence of the distributions that its last dimension's
+#: logits give.
+DIVERGENCES = ("squared", "kl")
+
+
+class _Recorded:
+    """What one probe's forward pass left at each layer: its inputs and output, and the
+    zero added to that output whose gradient is ``J^T r``."""
+
+    def __init__(self) -> None:
+        self.inputs: dict[str, tuple[Any, ...]] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.probes: dict[str, torch.Tensor] = {}
+
+    def hook(self, name: str) -> Callable[..., Any]:
+        def record(module: Any, args: tuple[Any, ...], out: Any) -> Any:
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            kept = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            self.inputs[name] = tuple(kept)
+            self.outputs[name] = out.detach()
+            # a zero that requires grad: d f / d out arrives on it, whether or not the
+            # model's parameters require grad
+            probe = torch.zeros_like(out, requires_grad=True)
+            self.probes[name] = probe
+            return out + probe
+
+        return record
+
+
+def linearized_sensitivity(
+    sparsifier: ActivationSparsifier,
+    output: Callable[[Any], torch.Tensor],
+    probes: Sequence[Any],
+    levels: Sequence[float],
+    layers: Sequence[str] | None = None,
+    *,
+    projections: int = 4,
+    seed: int = 0,
+    divergence: str = "squared",
+) -> dict[str, dict[float, float]]:
+    """``{layer: {level: estimated error}}`` like :func:`layer_sensitivity`, from a few
+    backward passes instead of a forward pass per layer and level.
+
+    The error estimated is the one :func:`layer_sensitivity` measures with
+    ``sparsify()``'s probe error: ``||f_sparse - f||^2 / ||f||^2`` for the
+    tensor ``f = output(batch)`` summed over ``probes``, with that layer alone
+    at each level. To second order it is ``||J dy||^2``, where ``dy`` is the
+    change of the layer's output (its zeros and offset, on the dense model's
+    inputs) and ``J`` the Jacobian of ``f`` with respect to that output. Each
+    ``J^T r`` comes from one backward pass for a random ``r`` (``projections``
+    of them), and ``E[(r . J dy)^2] = ||J dy||^2``. Each probe batch is one
+    term of that sum, so probes of one example each (``sparsify()`` cuts them
+    so) also average the estimate over the examples.
+
+    Cost, for ``P`` probe batches: ``P`` forward passes that keep their graph,
+    ``projections * P`` backward passes, and ``len(levels) * P`` passes of each
+    layer alone over its recorded inputs (about ``len(levels)`` forward passes
+    of the model, in all), whatever the number of layers. Memory: each layer's
+    inputs, outputs and ``projections`` gradients for one probe batch.
+
+    With ``divergence="kl"``, ``f`` holds logits (the last dimension) and the
+    error is the mean over positions of ``KL(softmax(f) || softmax(f_sparse))``,
+    to second order ``dy^T J^T F J dy / 2`` with the Fisher matrix ``F =
+    diag(p) - p p^T``; each ``r`` is then ``onehot(y) - p`` for a token ``y``
+    drawn from ``p`` at each position, whose covariance is ``F``.
+
+    ``output(batch)`` runs the model on ``batch`` and returns the tensor to
+    measure (the real positions only, say) with its graph: it is called with
+    grad enabled. The thresholds are put back as they were before the call
+    returns.
+    """
+    grid = _levels(levels)
+    names = _names(sparsifier, layers, "linearized_sensitivity")
+    if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
+        raise ConfigError(f"projections must be a positive int, got {projections!r}")
+    if divergence not in DIVERGENCES:
+        raise ConfigError(
+            f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}"
+        )
+    modules = {name: sparsifier.data_groups[name][LAYER_KEY] for name in names}
+    before = {n: sparsifier.thresholds[n].target for n in names}
+    sums = {name: dict.fromkeys(grid, 0.0) for name in names}
+    scale = 0.0
+    generator = torch.Generator().manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsityTargetWarning)
+        try:
+            for batch in probes:
+                sparsifier.retarget(dict.fromkeys(names, 0.0))
+                recorded = _Recorded()
+                handles = [m.register_forward_hook(recorded.hook(n)) for n, m in modules.items()]
+                try:
+                    with torch.enable_grad():
+                        measured = output(batch)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                if not isinstance(measured, torch.Tensor) or not measured.requires_grad:
+                    raise ConfigError(
+                        "linearized_sensitivity: output(batch) must return a tensor that "
+                        "depends on the layers' outputs"
+                    )
+                measured = measured.float()
+                finite = measured.detach().isfinite()
+                if divergence == "kl":
+                    # a position with any non-finite logit is left out whole
+                    finite = finite.all(-1, keepdim=True).expand_as(finite)
+                    clean = torch.where(finite, measured.detach(), torch.zeros_like(measured))
+                    p = clean.softmax(-1)
+                    scale += 2.0 * float(finite[..., 0].sum())  # mean KL = (r . J dy)^2 / 2
+                else:
+                    scale += float(measured.detach()[finite].pow(2).sum())
+                # 0 * NaN is NaN: the entries left out must not reach the graph
+                value = torch.where(finite, measured, torch.zeros_like(measured))
+                found = [n for n in names if n in recorded.probes]
+                per_projection = []
+                for k in range(projections):
+                    if divergence == "kl":
+                        drawn = torch.multinomial(
+                            p.reshape(-1, p.shape[-1]).cpu(), 1, generator=generator
+                        ).to(p.device)
+                        r = -p.reshape(-1, p.shape[-1]).clone()
+                        r.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=r.dtype))
+                        r = r.reshape(p.shape)
+                    else:
+                        r = torch.randn(measured.shape, generator=generator).to(measured.device)
+                    r = torch.where(finite, r, torch.zeros_like(r))
+                    per_projection.append(
+                        torch.autograd.grad(
+                            (value * r).sum(),
+                            [recorded.probes[n] for n in found],
+                            retain_graph=k + 1 < projections,
+                            allow_unused=True,
+                        )
+                    )
+                del measured, value
+                recorded.probes.clear()
+                # each layer's K gradients as one (K, entries) matrix: one product per level
+                grads = {
+                    name: torch.stack([g[i].float().reshape(-1) for g in per_projection])
+                    for i, name in enumerate(found)
+                    if per_projection[0][i] is not None
+                }
+                del per_projection
+                for level in grid:
+                    sparsifier.retarget(dict.fromkeys(found, level))
+                    with torch.no_grad():
+                        for name, g in grads.items():
+                            inputs, dense = recorded.inputs[name], recorded.outputs[name]
+                            change = (modules[name](*inputs) - dense).float().reshape(-1)
+                            dots = g @ change
+                            if not bool(dots.isfinite().all()):
+                                # entries that a NaN or inf reaches are left out, as the
+                                # probe error leaves them out of the output
+                                terms = g * change
+                                dots = torch.where(terms.isfinite(), terms, 0.0).sum(1)
+                            sums[name][level] += float(dots.pow(2).sum()) / projections
+        finally:
+            sparsifier.retarget(before)
+    if scale <= 0:
+        scale = 1.0
+    table = {}
+    for name in names:
+        row = {0.0: 0.0}
+        row.update({level: value / scale for level, value in sums[name].items()})
+        table[name] = row
     return table
 
 

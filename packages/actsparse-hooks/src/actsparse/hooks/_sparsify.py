@@ -28,22 +28,32 @@ from actsparse.core import (
     MaskStrategy,
     get_registry,
 )
-from actsparse.hooks._allocate import allocate_greedy, layer_sensitivity
+from actsparse.hooks._allocate import (
+    allocate_greedy,
+    layer_sensitivity,
+    linearized_sensitivity,
+)
 from actsparse.hooks._calibrate import calibrate, run_batch
 from actsparse.hooks._execution import DENSE, check_kernel_name
 from actsparse.hooks._presets import AUTO_PRESET, resolve_layers
 from actsparse.hooks._sparsifier import ActivationSparsifier
+from actsparse.hooks._threshold import SparsityTargetWarning
 
 __all__ = ["ALLOCATIONS", "sparsify"]
 
 #: The key of a batch (a mapping) whose positions are the real tokens.
 ATTENTION_MASK = "attention_mask"
 
-#: How the model-wide target is spread over the layers.
-ALLOCATIONS = ("uniform", "greedy")
+#: How the model-wide target is spread over the layers: every layer at the target, or
+#: greedily from each layer's sensitivity, estimated (:func:`linearized_sensitivity`) or
+#: measured with a forward pass per layer and level (:func:`layer_sensitivity`).
+ALLOCATIONS = ("uniform", "greedy", "greedy_exact")
+GREEDY = frozenset({"greedy", "greedy_exact"})
+#: Random projections of :func:`linearized_sensitivity` for ``allocation="greedy"``.
+GREEDY_PROJECTIONS = 4
 
-#: The grid of :func:`layer_sensitivity` for ``allocation="greedy"``, as multiples of
-#: the target (at most :data:`GREEDY_CAP`): four levels, so the search costs
+#: The grid of the sensitivity for the greedy allocations, as multiples of the target
+#: (at most :data:`GREEDY_CAP`): four levels, so ``"greedy_exact"`` costs
 #: ``1 + 4 * layers`` passes over the probe examples.
 GREEDY_FACTORS = (0.5, 1.0, 1.5, 2.0)
 #: The highest level the greedy allocation gives a layer.
@@ -96,6 +106,24 @@ def _examples(batch: Any, count: int) -> tuple[Any, int]:
         return {key: cut(value) for key, value in batch.items()}, min(count, sizes[0])
     out = [cut(value) for value in batch]
     return (tuple(out) if isinstance(batch, tuple) else out), min(count, sizes[0])
+
+
+def single_examples(batch: Any) -> list[Any]:
+    """``batch`` cut into batches of one example each (every tensor along dim 0), or
+    ``[batch]`` when its tensors share no batch dimension."""
+    _, count = _examples(batch, 1 << 62)
+    if count <= 1:
+        return [batch]
+
+    def cut(value: Any, i: int) -> Any:
+        return value[i : i + 1] if isinstance(value, torch.Tensor) and value.ndim else value
+
+    if isinstance(batch, torch.Tensor):
+        return [batch[i : i + 1] for i in range(count)]
+    if isinstance(batch, Mapping):
+        return [{key: cut(value, i) for key, value in batch.items()} for i in range(count)]
+    kind = tuple if isinstance(batch, tuple) else list
+    return [kind(cut(value, i) for value in batch) for i in range(count)]
 
 
 def probe_set(batches: Sequence[Any], count: int) -> list[Any]:
@@ -152,23 +180,40 @@ def first_output(output: Any) -> torch.Tensor | None:
 
 
 class OutputError:
-    """``error()``: the relative squared error of the model's first output tensor on probe
-    batches, against the outputs recorded before any hook (real tokens only).
+    """``error()``: how far the model's first output tensor on probe batches lies from the
+    outputs recorded before any hook (real tokens only).
 
+    ``divergence="squared"``: the relative squared error. ``"kl"``, for logits
+    (a ``transformers`` output's ``logits``): the mean over positions of the KL
+    divergence of the reference's next-token distribution to the output's.
     Entries where the reference is NaN or inf are left out (``skipped`` counts
-    them); an output that is not finite where the reference is counts as an
-    infinite error.
+    them; for ``"kl"`` the whole position); an output that is not finite where
+    the reference is counts as an infinite error.
     """
 
-    def __init__(self, model: nn.Module, probes: Sequence[Any], references: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        probes: Sequence[Any],
+        references: Sequence[Any],
+        divergence: str = "squared",
+    ) -> None:
         self.model = model
         self.probes = list(probes)
-        self.references = [
+        self.divergence = divergence
+        restricted = [
             self.restrict(batch, reference)
             for batch, reference in zip(self.probes, references, strict=True)
         ]
-        self.finite = [reference.isfinite() for reference in self.references]
+        self.finite = [reference.isfinite() for reference in restricted]
         self.skipped = sum(int((~finite).sum()) for finite in self.finite)
+        if divergence == "kl":
+            self.finite = [f.all(-1, keepdim=True).expand_as(f) for f in self.finite]
+            restricted = [
+                torch.where(f, r, torch.zeros_like(r)).log_softmax(-1)
+                for f, r in zip(self.finite, restricted, strict=True)
+            ]
+        self.references = restricted
 
     @staticmethod
     def restrict(batch: Any, tensor: torch.Tensor) -> torch.Tensor:
@@ -177,25 +222,47 @@ class OutputError:
             return tensor[mask]
         return tensor
 
+    def output(self, batch: Any) -> torch.Tensor:
+        """The model's first output tensor on ``batch``, real tokens only, with its graph
+        when grad is enabled (what :func:`linearized_sensitivity` differentiates)."""
+        out = first_output(run_batch(self.model, batch))
+        if out is None:  # pragma: no cover - checked on the reference already
+            raise ConfigError("the model's output holds no tensor")
+        return self.restrict(batch, out.float())
+
     def __call__(self) -> float:
         num = den = 0.0
         with torch.no_grad():
             for batch, reference, finite in zip(
                 self.probes, self.references, self.finite, strict=True
             ):
-                out = first_output(run_batch(self.model, batch))
-                if out is None:  # pragma: no cover - checked on the reference already
-                    raise ConfigError("the model's output holds no tensor")
-                diff = self.restrict(batch, out.float()) - reference
-                num += float(diff[finite].pow(2).sum())
-                den += float(reference[finite].pow(2).sum())
+                out = self.output(batch)
+                if self.divergence == "kl":
+                    rows = finite[..., 0]
+                    kl = reference.exp() * (reference - out.log_softmax(-1))
+                    num += float(kl[rows].sum())
+                    den += float(rows.sum())
+                else:
+                    diff = out - reference
+                    num += float(diff[finite].pow(2).sum())
+                    den += float(reference[finite].pow(2).sum())
         if math.isnan(num):  # inf - inf: the output is not finite where the reference is
             num = math.inf
         return num / den if den > 0 else num
 
 
-def _reference(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The model's first output tensor on ``batch``, before any hook: the dry run."""
+def divergence_of(output: Any) -> str:
+    """``"kl"`` when the model's first output tensor is a ``transformers`` output's
+    ``logits``, else ``"squared"``."""
+    logits = getattr(output, "logits", None)
+    tensor = first_output(output)
+    kl = isinstance(logits, torch.Tensor) and logits is tensor and logits.ndim >= 2
+    return "kl" if kl else "squared"
+
+
+def _reference(model: nn.Module, batch: Any) -> tuple[torch.Tensor, str]:
+    """The model's first output tensor on ``batch``, before any hook (the dry run), and
+    the divergence that measures it (:func:`divergence_of`)."""
     output = _dry_run(model, batch)
     tensor = first_output(output)
     if tensor is None:
@@ -203,7 +270,7 @@ def _reference(model: nn.Module, batch: Any) -> torch.Tensor:
             f"the model's output ({type(output).__name__}) holds no tensor to measure the "
             "error of sparsity on; use allocation='uniform'"
         )
-    return tensor.detach().float()
+    return tensor.detach().float(), divergence_of(output)
 
 
 def _dry_run(model: nn.Module, batch: Any) -> Any:
@@ -277,12 +344,18 @@ def sparsify(
             has, refused when several presets match; ``"bert"``; ``"llama"``)
             or the rules of :meth:`~ActivationSparsifier.register_layers`.
         allocation: ``"greedy"`` (the default): each layer's error alone is
-            measured on the probe examples at 0.5, 1, 1.5 and 2 times
-            ``target`` (at most 0.95; :func:`layer_sensitivity`), then
-            :func:`allocate_greedy` picks per-layer levels whose width-weighted
-            mean is ``target``; ``"uniform"``: every layer at ``target``.
-            ``layer_sensitivity`` and ``allocate_greedy`` take any grid, for
-            a finer search at a higher cost.
+            estimated on the probe examples at 0.5, 1, 1.5 and 2 times
+            ``target`` (at most 0.95; :func:`linearized_sensitivity`, one
+            forward pass with grad and 4 backward passes per probe example,
+            whatever the number of layers), then :func:`allocate_greedy` picks
+            per-layer levels whose width-weighted mean is ``target``; they are
+            kept if the probes measure them no worse than every layer at
+            ``target``, else every layer gets ``target``. ``"greedy_exact"``:
+            the same with the error measured, ``1 + 4 * layers`` passes over
+            the probes (:func:`layer_sensitivity`). ``"uniform"``: every layer
+            at ``target``. ``layer_sensitivity``, ``linearized_sensitivity``
+            and ``allocate_greedy`` take any grid, for a finer search at a
+            higher cost.
         mask_fn: The threshold strategy, by name: ``"target_threshold"`` (the
             default; the score is ``|x|``), ``"weighted_threshold"`` (WINA's
             ``|x_i| * ||W[:, i]||``) or any registered dynamic mask strategy
@@ -295,9 +368,11 @@ def sparsify(
         kernel: Passed to ``set_kernel()`` at the end (``squash_mask``'s ``kernel``).
         progress: The calibration progress bar (:func:`calibrate`'s ``progress``).
         probe_examples: How many of the first calibration examples (rows of
-            the first batches) measure the error that the greedy allocation
-            weighs: the relative squared error of the model's first output
-            tensor on real tokens, against the dense model's.
+            the first batches) measure the error that the greedy allocations
+            weigh, on real tokens, against the dense model's: for a
+            ``transformers`` output with ``logits``, the mean KL divergence of
+            the next-token distributions; otherwise the relative squared error
+            of the model's first output tensor.
 
     Raises:
         ConfigError: A bad argument, an unknown preset or one that selects no
@@ -330,10 +405,17 @@ def sparsify(
         raise ConfigError(f"compensate must be True or False, got {compensate!r}")
     batches = _batches(calibration_batches)
     rules = resolve_layers(model, layers)
-    greedy = allocation == "greedy" and level > 0
-    # the dry run, before anything is attached: the model takes the first batch
-    probes = probe_set(batches, probe_examples) if greedy else []
-    references = [_reference(model, batch) for batch in probes]
+    greedy = allocation in GREEDY and level > 0
+    # the dry run, before anything is attached: the model takes the first batch; one
+    # probe per example, the terms of the estimated sensitivity
+    probes = (
+        [one for batch in probe_set(batches, probe_examples) for one in single_examples(batch)]
+        if greedy
+        else []
+    )
+    measured = [_reference(model, batch) for batch in probes]
+    references = [tensor for tensor, _ in measured]
+    divergence = measured[0][1] if measured else "squared"
     if not greedy:
         _dry_run(model, batches[0])
 
@@ -352,7 +434,7 @@ def sparsify(
         sparsifier.step()
         sparsifier.squash_mask()
         if greedy:
-            error = OutputError(model, probes, references)
+            error = OutputError(model, probes, references, divergence)
             if error.skipped:
                 warnings.warn(
                     f"the model's outputs on the {probe_examples} probe example(s) hold "
@@ -361,8 +443,7 @@ def sparsify(
                     CalibrationWarning,
                     stacklevel=2,
                 )
-            table = layer_sensitivity(sparsifier, error, greedy_levels(level))
-            sparsifier.retarget(allocate_greedy(table, level, _widths(sparsifier, names)))
+            sparsifier.retarget(_greedy(sparsifier, error, allocation, level, names))
         if kernel != DENSE:
             sparsifier.set_kernel(kernel)
     except BaseException:
@@ -370,6 +451,44 @@ def sparsify(
             sparsifier.unregister_layer(name)
         raise
     return sparsifier
+
+
+def _greedy(
+    sparsifier: ActivationSparsifier,
+    error: OutputError,
+    allocation: str,
+    level: float,
+    names: Sequence[str],
+) -> dict[str, float]:
+    """Greedy per-layer levels for ``level``, or every layer at ``level`` where the
+    probes measure those levels no better than uniform."""
+    grid = greedy_levels(level)
+    if allocation == "greedy":
+        training = {module: module.training for module in error.model.modules()}
+        try:
+            error.model.eval()
+            table = linearized_sensitivity(
+                sparsifier,
+                error.output,
+                error.probes,
+                grid,
+                projections=GREEDY_PROJECTIONS,
+                divergence=error.divergence,
+            )
+        finally:
+            for module, flag in training.items():
+                module.training = flag
+    else:
+        table = layer_sensitivity(sparsifier, error, grid)
+    levels = allocate_greedy(table, level, _widths(sparsifier, names))
+    uniform = dict.fromkeys(names, level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsityTargetWarning)
+        sparsifier.retarget(uniform)
+        at_uniform = error()
+        sparsifier.retarget(levels)
+        at_levels = error()
+    return levels if at_levels <= at_uniform else uniform
 
 
 def _valid_context(
