@@ -82,13 +82,12 @@ def test_calibrate_writes_a_state_and_prints_each_layer(
     bert: Path, text: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "state.safetensors"
-    code, stdout, err = run(
-        ["calibrate", bert, "--text", text, "--target", "0.5", "--out", out], capsys
-    )
+    argv = ["calibrate", bert, "--text", text, "--target", "0.5", "--out", out]
+    code, stdout, err = run([*argv, "--allocation", "uniform"], capsys)
     assert code == 0, err
     assert err == ""  # no progress bar off a terminal, no library chatter
     assert list(thresholds(out)) == BERT_LAYERS
-    for name in BERT_LAYERS:
+    for name in BERT_LAYERS:  # every layer at the target
         row = next(line for line in stdout.splitlines() if line.startswith(name))
         assert row.split()[2:] == ["50.0%", "yes"], row
     assert "24 passages" in stdout
@@ -138,6 +137,7 @@ def test_calibrate_shows_a_progress_bar_when_asked(
 def bert_state(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("states") / "bert.safetensors"
     argv = ["calibrate", models["bert"], "--text", models["text"], "--target", "0.5"]
+    argv += ["--allocation", "uniform"]  # every layer at 50%
     assert cli.main([str(a) for a in [*argv, "--out", out]]) == 0
     return out
 
