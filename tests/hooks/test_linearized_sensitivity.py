@@ -265,3 +265,42 @@ def test_an_unknown_divergence_is_refused() -> None:
     sparsifier = calibrated(model, batches)
     with pytest.raises(ConfigError, match="divergence must be one of 'squared', 'kl'"):
         linearized_sensitivity(sparsifier, model, [torch.randn(4, 24)], [0.5], divergence="l1")
+
+
+@pytest.mark.parametrize("allocation", ["greedy", "greedy_exact"])
+def test_a_two_layer_llama_costs_the_documented_passes(allocation: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    batches = []
+    for _ in range(3):
+        mask = (torch.arange(12)[None, :] < torch.randint(4, 13, (4, 1))).long()
+        batches.append({"input_ids": torch.randint(0, 64, (4, 12)) * mask, "attention_mask": mask})
+    counts = {"forward": 0, "backward": 0}
+
+    def forward(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        counts["forward"] += 1
+        if out.logits.requires_grad:
+            out.logits.register_hook(
+                lambda g: counts.__setitem__("backward", counts["backward"] + 1)
+            )
+
+    model.register_forward_hook(forward, with_kwargs=True)
+    sparsifier = sparsify(model, batches, target=0.5, allocation=allocation)
+    layers = len(sparsifier.thresholds)
+    assert layers == 14
+    probes, levels = 4, len(greedy_levels(0.5))  # probe_examples=4: the first batch's rows
+    passes = {
+        "greedy": (3 + probes + probes + 2 * probes, GREEDY_PROJECTIONS * probes),
+        "greedy_exact": (3 + probes + (1 + levels * layers) * probes + 2 * probes, 0),
+    }[allocation]
+    assert (counts["forward"], counts["backward"]) == passes
