@@ -174,6 +174,29 @@ def test_the_expected_sparsity_is_what_the_layer_zeroes(name: str, inputs: Sampl
         assert ties == []
 
 
+@pytest.mark.parametrize(("zeros", "warns"), [(0.005, False), (0.03, True)])
+def test_zeros_within_a_point_of_the_target_do_not_make_it_unreachable(
+    zeros: float, warns: bool
+) -> None:
+    model, sparsifier = make()
+    sparsifier.register_layer(model[1], sparsity_level=0.0)
+    g = torch.Generator().manual_seed(4)
+    x = normal(g, (64, 16, 64))
+    x.view(-1)[: int(zeros * x.numel())] = 0.0  # a few exact zeros, as real inputs hold
+    model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsifier.step()
+    result = sparsifier.thresholds["1"]
+    assert result.zero_fraction == pytest.approx(zeros, abs=1e-3)
+    assert result.reachable is not warns
+    assert result.zeros_exceed_target is warns
+    found = [w for w in caught if issubclass(w.category, SparsityTargetWarning)]
+    assert len(found) == int(warns)
+    if warns:
+        assert "zeros alone 0.03" in str(found[0].message)
+
+
 def test_reachable_target_after_relu_does_not_warn() -> None:
     model, sparsifier = make()
     sparsifier.register_layer(model[1], sparsity_level=0.6)

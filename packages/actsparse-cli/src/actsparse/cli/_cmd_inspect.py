@@ -182,7 +182,7 @@ def _print_inspection(report: dict[str, Any]) -> None:
                 ""
                 if result.reachable
                 else ", unreachable: the zeros alone exceed the target"
-                if result.zero_fraction > result.target
+                if result.zeros_exceed_target
                 else ", unreachable: many inputs share the magnitude at the target"
             )
             print(

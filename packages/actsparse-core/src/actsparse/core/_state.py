@@ -238,13 +238,18 @@ class ThresholdResult:
 
     @property
     def reachable(self) -> bool:
-        """False when no threshold meets the target: the zeros alone exceed it (the
-        layer overshoots it), or the expected sparsity lies more than a point
-        (:data:`SPARSITY_TOLERANCE`) from it, because equal values (ties) fill the
-        histogram bin that holds the target."""
-        if self.zero_fraction > self.target + 1e-9:
+        """False when no threshold meets the target: the zeros alone exceed it by more
+        than a point (:data:`SPARSITY_TOLERANCE`; the layer overshoots it), or the
+        expected sparsity lies more than a point from it, because equal values
+        (ties) fill the histogram bin that holds the target."""
+        if self.zeros_exceed_target:
             return False
         return abs(self.expected_sparsity - self.target) <= self.tolerance + 1e-9
+
+    @property
+    def zeros_exceed_target(self) -> bool:
+        """Whether the inputs' zeros alone exceed the target by more than a point."""
+        return self.zero_fraction > self.target + self.tolerance + 1e-9
 
     def to_dict(self) -> dict[str, float]:
         """The four fields as a plain dict, as a state dict stores them."""

@@ -617,7 +617,7 @@ def retarget(layers: Mapping[str, Layer], levels: Mapping[str, Any]) -> None:
 
 def warn_unreachable(results: Mapping[str, ThresholdResult]) -> None:
     bad = {name: r for name, r in results.items() if not r.reachable}
-    zeros = {name: r for name, r in bad.items() if r.zero_fraction > r.target + 1e-9}
+    zeros = {name: r for name, r in bad.items() if r.zeros_exceed_target}
     _warn_target(
         zeros,
         lambda r: f"zeros alone {r.zero_fraction:.3f}",
