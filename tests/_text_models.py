@@ -93,12 +93,13 @@ def tiny_bert() -> Any:
     return transformers.BertModel(config).eval()
 
 
-def tiny_llama() -> Any:
+def tiny_llama(vocab: int = VOCAB, **config: Any) -> Any:
+    """A 2-layer random Llama; ``config`` overrides its LlamaConfig."""
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
+    settings: dict[str, Any] = dict(
+        vocab_size=vocab,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -106,7 +107,8 @@ def tiny_llama() -> Any:
         intermediate_size=64,
         max_position_embeddings=POSITIONS,
     )
-    return transformers.LlamaForCausalLM(config).eval()
+    settings.update(config)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
 
 
 def save_model(directory: Path, kind: str) -> Path:

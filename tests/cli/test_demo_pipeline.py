@@ -55,26 +55,6 @@ def _vocabulary() -> list[str]:
     return SPECIALS + _byte_tokens() + [merge.replace(" ", "") for merge in MERGES]
 
 
-def _tiny_llama(vocab: int) -> Any:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        max_position_embeddings=_text_models.POSITIONS,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def _interleave(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """GGUF's row order for a query or key projection: each head's two rotary halves
     interleaved, as llama.cpp stores them (transformers undoes it on load)."""
@@ -147,7 +127,9 @@ def _write_gguf(model: Any, tokens: list[str], path: Path) -> Path:
 def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     work = tmp_path_factory.mktemp("demo")
     tokens = _vocabulary()
-    model = _tiny_llama(len(tokens))
+    model = _text_models.tiny_llama(
+        len(tokens), rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2
+    )
     gguf_file = _write_gguf(model, tokens, work / "tiny-llama.F32.gguf")
     out = work / "model"
     assert _script().main(["--gguf", str(gguf_file), "--out", str(out)]) == 0

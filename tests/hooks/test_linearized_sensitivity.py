@@ -269,22 +269,11 @@ def test_an_unknown_divergence_is_refused() -> None:
 
 @pytest.mark.parametrize("allocation", ["greedy", "greedy_exact"])
 def test_a_two_layer_llama_costs_the_documented_passes(allocation: str) -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    batches = []
-    for _ in range(3):
-        mask = (torch.arange(12)[None, :] < torch.randint(4, 13, (4, 1))).long()
-        batches.append({"input_ids": torch.randint(0, 64, (4, 12)) * mask, "attention_mask": mask})
+    pytest.importorskip("transformers")
+    import _text_models
+
+    model = _text_models.tiny_llama()
+    batches = _text_models.token_batches(3, batch=4)
     counts = {"forward": 0, "backward": 0}
 
     def forward(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:

@@ -104,7 +104,7 @@ class _Recorded:
     def __init__(self) -> None:
         self.inputs: dict[str, tuple[Any, ...]] = {}
         self.outputs: dict[str, torch.Tensor] = {}
-        self.probes: dict[str, torch.Tensor] = {}
+        self.zeros: dict[str, torch.Tensor] = {}
 
     def hook(self, name: str) -> Callable[..., Any]:
         def record(module: Any, args: tuple[Any, ...], out: Any) -> Any:
@@ -116,10 +116,25 @@ class _Recorded:
             # a zero that requires grad: d f / d out arrives on it, whether or not the
             # model's parameters require grad
             probe = torch.zeros_like(out, requires_grad=True)
-            self.probes[name] = probe
+            self.zeros[name] = probe
             return out + probe
 
         return record
+
+
+def _projection(
+    measured: torch.Tensor, finite: torch.Tensor, divergence: str, generator: torch.Generator
+) -> torch.Tensor:
+    """One random ``r`` for ``measured``, zero where it is left out: standard normal for
+    ``"squared"``; ``onehot(y) - p`` for ``"kl"``, ``y`` drawn from ``p = softmax``."""
+    if divergence == "kl":
+        p = torch.where(finite, measured, torch.zeros_like(measured)).softmax(-1)
+        rows = p.reshape(-1, p.shape[-1])
+        drawn = torch.multinomial(rows.cpu(), 1, generator=generator).to(p.device)
+        r = (-rows).scatter_add(1, drawn, torch.ones_like(drawn, dtype=rows.dtype)).reshape(p.shape)
+    else:
+        r = torch.randn(measured.shape, generator=generator).to(measured.device)
+    return torch.where(finite, r, torch.zeros_like(r))
 
 
 def linearized_sensitivity(
@@ -200,36 +215,25 @@ def linearized_sensitivity(
                 if divergence == "kl":
                     # a position with any non-finite logit is left out whole
                     finite = finite.all(-1, keepdim=True).expand_as(finite)
-                    clean = torch.where(finite, measured.detach(), torch.zeros_like(measured))
-                    p = clean.softmax(-1)
                     scale += 2.0 * float(finite[..., 0].sum())  # mean KL = (r . J dy)^2 / 2
                 else:
                     scale += float(measured.detach()[finite].pow(2).sum())
                 # 0 * NaN is NaN: the entries left out must not reach the graph
                 value = torch.where(finite, measured, torch.zeros_like(measured))
-                found = [n for n in names if n in recorded.probes]
+                found = [n for n in names if n in recorded.zeros]
                 per_projection = []
                 for k in range(projections):
-                    if divergence == "kl":
-                        drawn = torch.multinomial(
-                            p.reshape(-1, p.shape[-1]).cpu(), 1, generator=generator
-                        ).to(p.device)
-                        r = -p.reshape(-1, p.shape[-1]).clone()
-                        r.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=r.dtype))
-                        r = r.reshape(p.shape)
-                    else:
-                        r = torch.randn(measured.shape, generator=generator).to(measured.device)
-                    r = torch.where(finite, r, torch.zeros_like(r))
+                    r = _projection(measured.detach(), finite, divergence, generator)
                     per_projection.append(
                         torch.autograd.grad(
                             (value * r).sum(),
-                            [recorded.probes[n] for n in found],
+                            [recorded.zeros[n] for n in found],
                             retain_graph=k + 1 < projections,
                             allow_unused=True,
                         )
                     )
                 del measured, value
-                recorded.probes.clear()
+                recorded.zeros.clear()
                 # each layer's K gradients as one (K, entries) matrix: one product per level
                 grads = {
                     name: torch.stack([g[i].float().reshape(-1) for g in per_projection])

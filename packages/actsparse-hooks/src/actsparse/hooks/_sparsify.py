@@ -33,7 +33,7 @@ from actsparse.hooks._allocate import (
     layer_sensitivity,
     linearized_sensitivity,
 )
-from actsparse.hooks._calibrate import calibrate, run_batch
+from actsparse.hooks._calibrate import calibrate, evaluating, run_batch
 from actsparse.hooks._execution import DENSE, check_kernel_name
 from actsparse.hooks._presets import AUTO_PRESET, resolve_layers
 from actsparse.hooks._sparsifier import ActivationSparsifier
@@ -276,10 +276,8 @@ def _reference(model: nn.Module, batch: Any) -> tuple[torch.Tensor, str]:
 def _dry_run(model: nn.Module, batch: Any) -> Any:
     """The model's output on ``batch`` in eval mode without grad; a ConfigError if it
     rejects the batch."""
-    training = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             output = run_batch(model, batch)
     except ActsparseError:
         raise
@@ -289,9 +287,6 @@ def _dry_run(model: nn.Module, batch: Any) -> Any:
             "a mapping is passed as keyword arguments, a tuple or list as positional "
             "arguments, anything else as the one argument"
         ) from exc
-    finally:
-        for module, flag in training.items():
-            module.training = flag
     return output
 
 
@@ -464,9 +459,7 @@ def _greedy(
     probes measure those levels no better than uniform."""
     grid = greedy_levels(level)
     if allocation == "greedy":
-        training = {module: module.training for module in error.model.modules()}
-        try:
-            error.model.eval()
+        with evaluating(error.model):
             table = linearized_sensitivity(
                 sparsifier,
                 error.output,
@@ -475,9 +468,6 @@ def _greedy(
                 projections=GREEDY_PROJECTIONS,
                 divergence=error.divergence,
             )
-        finally:
-            for module, flag in training.items():
-                module.training = flag
     else:
         table = layer_sensitivity(sparsifier, error, grid)
     levels = allocate_greedy(table, level, _widths(sparsifier, names))
