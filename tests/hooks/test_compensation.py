@@ -324,6 +324,68 @@ def test_the_hooks_compile_without_graph_breaks(mask_fn: str, sums: bool) -> Non
         torch.testing.assert_close(torch.compile(model)(x), eager)
 
 
+def _graph_ops(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """``torch.compile(model)(x)`` and the names of the ops its captured graph calls."""
+    ops: list[str] = []
+
+    def capture(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=capture, fullgraph=True)(x), ops
+
+
+@pytest.mark.parametrize("kernel", ["dense", "cpu_sparse"])
+def test_a_compiled_inference_step_reads_the_kept_shift_not_the_weight(kernel: str) -> None:
+    if kernel != "dense" and not cpu_kernel_status().available:
+        pytest.skip("the C++ kernel could not be built here")
+    model, offset, threshold, x = _squashed()
+    sparsifier_kernel = {"dense": None, "cpu_sparse": "cpu_sparse"}[kernel]
+    if sparsifier_kernel is not None:
+        model = mlp()
+        sparsifier = calibrated(model)
+        sparsifier.set_kernel(sparsifier_kernel)
+        offset = sparsifier.state_dict()["state"]["2"]["offset"]
+        threshold = sparsifier.thresholds["2"].threshold
+    with torch.no_grad():
+        out, ops = _graph_ops(model, x)
+        torch.testing.assert_close(out, _compensated_reference(model, offset, threshold, x)[0])
+        # one opaque node per compensated layer; no product of a weight with the offset
+        assert "actsparse.kept_shift.default" in ops
+        assert not [op for op in ops if "mv" in op], ops
+        # an in-place edit after compiling is seen at the next call, as in eager mode
+        compiled = torch.compile(model, fullgraph=True)
+        compiled(x)
+        model[2].weight.mul_(0.5)
+        model[2].bias.add_(1.0)
+        torch.testing.assert_close(
+            compiled(x), _compensated_reference(model, offset, threshold, x)[0]
+        )
+
+
+def test_a_compiled_training_step_computes_the_shift_in_the_graph() -> None:
+    model, offset, threshold, x = _squashed()
+    out, ops = _graph_ops(model, x)
+    assert "actsparse.kept_shift.default" not in ops
+    want, weight_grad, bias_grad = _compensated_reference(model, offset, threshold, x)
+    torch.testing.assert_close(out.detach(), want)
+    out.sum().backward()
+    torch.testing.assert_close(model[2].weight.grad, weight_grad)  # the shift's share too
+    torch.testing.assert_close(model[2].bias.grad, bias_grad)
+
+
+def test_an_exported_program_holds_only_standard_operators() -> None:
+    model, offset, threshold, x = _squashed()
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "actsparse" in t], targets
+    torch.testing.assert_close(
+        program.module()(x), _compensated_reference(model, offset, threshold, x)[0]
+    )
+
+
 def test_detaching_removes_the_output_hook_too() -> None:
     model = mlp()
     sparsifier = calibrated(model)

@@ -67,6 +67,47 @@ def test_the_direct_call_gives_the_ops_result() -> None:
     torch.testing.assert_close(direct, dense, rtol=1e-5, atol=1e-5)
 
 
+def _compiled_targets(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
+    targets: set[str] = set()
+
+    def capture(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        targets.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=capture, fullgraph=True)(x), targets
+
+
+def test_a_compiled_inference_graph_calls_the_compiled_operator_directly() -> None:
+    model, sparsifier = _squashed("cpu_sparse")
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        out, targets = _compiled_targets(model, x)
+        assert "actsparse_kernels.sparse_linear_cpu.default" in targets
+        assert "actsparse.sparse_linear.default" not in targets
+        sparsifier.set_kernel("dense")
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_training_graph_keeps_the_op_and_its_formula() -> None:
+    model, _ = _squashed("cpu_sparse")
+    x = torch.randn(2, 32, requires_grad=True)
+    out, targets = _compiled_targets(model, x)
+    assert "actsparse.sparse_linear.default" in targets
+    assert "actsparse_kernels.sparse_linear_cpu.default" not in targets
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_an_exported_program_keeps_the_op() -> None:
+    model, _ = _squashed("cpu_sparse")
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(1, 32),))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "actsparse.sparse_linear.default" in targets
+    assert "actsparse_kernels.sparse_linear_cpu.default" not in targets
+
+
 def test_a_float64_input_is_left_to_the_op() -> None:
     # the compiled operator runs float32 and bfloat16 only; the op computes the reference
     model, _ = _squashed("cpu_sparse")

@@ -26,8 +26,10 @@ aggregate that declares ``takes_valid`` receives it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
@@ -208,11 +210,46 @@ def _stamp(tensors: tuple[Any, ...]) -> tuple[Any, ...] | None:
 
 
 def _wants_graph(tensors: tuple[Any, ...]) -> bool:
-    """Whether the shift must be computed in the graph: under torch.compile or
-    torch.export, or with a gradient to compute for one of ``tensors``."""
-    if torch.compiler.is_compiling():
+    """Whether the shift must be computed in the graph: under torch.export, or with a
+    gradient to compute for one of ``tensors``."""
+    if torch.compiler.is_exporting():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+#: the compensations that :data:`KEPT_SHIFT` reads, by the slot each was given
+_COMPENSATIONS: weakref.WeakValueDictionary[int, Compensation] = weakref.WeakValueDictionary()
+_slots = itertools.count()
+_library = torch.library.Library("actsparse", "FRAGMENT")  # type: ignore[no-untyped-call]
+_library.define("kept_shift(Tensor weight, Tensor? bias, int slot) -> Tensor")  # type: ignore[no-untyped-call]
+
+
+def _kept_shift(weight: torch.Tensor, bias: torch.Tensor | None, slot: int) -> torch.Tensor:
+    compensation = _COMPENSATIONS.get(slot)
+    if compensation is None:
+        raise StateError(
+            f"actsparse::kept_shift: compensation {slot} is gone (its layer was detached); "
+            "compile the model again"
+        )
+    shift, folded = compensation.kept()
+    # a copy: torch.compile may reuse an operator's output as scratch space
+    return (shift if bias is None else folded).clone()
+
+
+def _kept_shift_fake(weight: torch.Tensor, bias: torch.Tensor | None, slot: int) -> torch.Tensor:
+    return weight.new_empty(weight.shape[0])
+
+
+torch.library.impl("actsparse::kept_shift", "CompositeExplicitAutograd", _kept_shift, lib=_library)
+torch.library.register_fake("actsparse::kept_shift", _kept_shift_fake, lib=_library)
+#: ``actsparse::kept_shift(weight, bias, slot)``: the kept ``W @ offset`` (plus ``bias``
+#: when it is given) of a compensated Linear, as one opaque node of a compiled graph.
+#: The operator checks the layer's parameters as eager calls do (computing the shift
+#: again after they changed) and returns a copy; the graph never reads the weight
+#: for it.
+KEPT_SHIFT: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor] = (
+    torch.ops.actsparse.kept_shift.default
+)
 
 
 class Compensation:
@@ -221,15 +258,19 @@ class Compensation:
     forward ``f``, ``W @ offset`` for a Linear.
 
     With a gradient to compute (grad mode on and a parameter that requires it), and
-    under torch.compile or torch.export, the shift is computed in the graph at every
-    call (one matrix-vector product for a Linear), so the gradients of the weight
-    include its share. Otherwise a detached copy is kept, and computed again on the
-    first call after a parameter or buffer changed: replaced, edited in place (its
-    version counter moved: ``add_``, ``copy_``, ``load_state_dict``, an optimizer
-    step), or moved to another device or dtype. An edit through ``.data`` moves no
-    version counter and is not seen, as autograd does not see it. For a plain
-    ``nn.Linear`` the kept copy is ``bias + shift``: the layer stays one
-    ``F.linear`` call.
+    under torch.export, the shift is computed in the graph at every call (one
+    matrix-vector product for a Linear), so the gradients of the weight include
+    its share and an exported program holds only standard operators. Otherwise a
+    detached copy is kept, and computed again on the first call after a parameter
+    or buffer changed: replaced, edited in place (its version counter moved:
+    ``add_``, ``copy_``, ``load_state_dict``, an optimizer step), or moved to
+    another device or dtype. An edit through ``.data`` moves no version counter
+    and is not seen, as autograd does not see it. For a plain ``nn.Linear`` the
+    kept copy is ``bias + shift``: the layer stays one ``F.linear`` call. Under
+    torch.compile a Linear reads the kept copy through :data:`KEPT_SHIFT`, one
+    opaque operator that makes the same check at run time, so a compiled decoding
+    step does not read each weight a second time for its shift; other modules
+    compute it in the graph.
     """
 
     def __init__(self, layer: Layer, offset: torch.Tensor) -> None:
@@ -241,6 +282,8 @@ class Compensation:
         # the tensors stamped, held so that their ids stay theirs
         self._held: tuple[Any, ...] = ()
         self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._slot = next(_slots)
+        _COMPENSATIONS[self._slot] = self
         # a module that cannot take the offset fails here, when the hook is attached
         self._kept(self._tensors())
 
@@ -285,10 +328,18 @@ class Compensation:
             self._value, self._stamp, self._held = (shift, folded), stamp, tensors
         return self._value
 
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shift, bias + shift)`` detached, from the parameters as they are now."""
+        return self._kept(self._tensors())
+
     def shift(self) -> torch.Tensor:
         """The shift for this call: in the graph when it must be, else the kept copy."""
         tensors = self._tensors()
         if _wants_graph(tensors):
+            return self.compute()
+        if torch.compiler.is_compiling():
+            if self.linear:
+                return KEPT_SHIFT(cast(nn.Linear, self._module).weight, None, self._slot)
             return self.compute()
         return self._kept(tensors)[0]
 
@@ -304,6 +355,8 @@ class Compensation:
                 m = self._offset_like(weight)
                 full = torch.mv(weight, m) if bias is None else torch.addmv(bias, weight, m)
                 return F.linear(x, weight, full)
+            if torch.compiler.is_compiling():
+                return F.linear(x, weight, KEPT_SHIFT(weight, bias, self._slot))
             return F.linear(x, weight, self._kept(tensors)[1])
 
         return compensated_linear

@@ -22,13 +22,15 @@ class Direct:
     """A way past the custom op's Python layers for calls that need no autograd.
 
     ``kernel()`` gives the compiled operator that the op's own implementation
-    calls (it checks its arguments itself), or None when it cannot run here.
-    :func:`linear_apply` calls it directly when grad mode is off (or nothing
-    requires a gradient), outside ``torch.compile``, for inputs on ``device_type``
-    whose dtype is the weight's and one of ``dtypes``; every other call goes
-    through the op. At one token the op's Python layers (the dispatcher's Python
-    kernel, the argument checks, the autograd wrapper) cost tens of microseconds,
-    as much as a small layer's whole product.
+    calls (it checks its arguments itself, and has a fake implementation for
+    ``torch.compile``), or None when it cannot run here. :func:`linear_apply`
+    calls it directly when grad mode is off (or nothing requires a gradient),
+    outside ``torch.export``, for inputs on ``device_type`` whose dtype is the
+    weight's and one of ``dtypes``; every other call goes through the op. At one
+    token the op's Python layers (the dispatcher's Python kernel, the argument
+    checks, the autograd wrapper) cost tens of microseconds, as much as a small
+    layer's whole product, and a compiled graph pays them too. An exported
+    program keeps the op, the one node that :mod:`actsparse.kernels` documents.
     """
 
     kernel: Callable[[], ThresholdOp | None]
@@ -76,9 +78,10 @@ def linear_apply(
     no longer input-major is re-stored input-major at its next call (once; the
     op would otherwise copy it on every call).
 
-    With ``direct``, a call that needs no autograd and is not traced runs the
-    compiled operator without the op's Python layers (:class:`Direct`): the
-    same function of the same arguments, so the same result.
+    With ``direct``, a call that needs no autograd and is not exported runs the
+    compiled operator without the op's Python layers (:class:`Direct`), eager
+    or under ``torch.compile``: the same function of the same arguments, so the
+    same result.
     """
 
     def apply(module: nn.Linear, threshold: float) -> Callable[[Tensor], Tensor]:
@@ -101,7 +104,7 @@ def linear_apply(
                 and x.ndim >= 1
                 and x.shape[-1] == weight_t.shape[0]  # else the op's checks name the fault
                 and x.device.type == device_type
-                and not torch.compiler.is_compiling()
+                and not torch.compiler.is_exporting()
                 and not (
                     torch.is_grad_enabled()
                     and (

@@ -23,7 +23,11 @@ import torch
 from torch import Tensor
 
 from actsparse.kernels._common.build import NAMESPACE, CppExtension
-from actsparse.kernels._common.reference import define_op, sparse_linear_reference
+from actsparse.kernels._common.reference import (
+    check_arguments,
+    define_op,
+    sparse_linear_reference,
+)
 from actsparse.kernels._common.status import KernelStatus
 
 __all__ = [
@@ -60,7 +64,28 @@ def compiled_kernel() -> Callable[[Tensor, Tensor, Tensor | None, float], Tensor
     kernel: Callable[[Tensor, Tensor, Tensor | None, float], Tensor] = getattr(
         torch.ops, NAMESPACE
     ).sparse_linear_cpu.default
+    _trace_kernel()
     return kernel
+
+
+_traced: list[bool] = []
+
+
+def _trace_kernel() -> None:
+    """Give the compiled operator a fake implementation (once), so that ``torch.compile``
+    traces a direct call as one node of the graph."""
+    if _traced:
+        return
+    torch.library.register_fake(f"{NAMESPACE}::sparse_linear_cpu", _fake_kernel, lib=_fake_library)
+    _traced.append(True)
+
+
+_fake_library = torch.library.Library(NAMESPACE, "FRAGMENT")  # type: ignore[no-untyped-call]
+
+
+def _fake_kernel(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    check_arguments(x, weight_t, bias, op="sparse_linear_cpu")
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
 def _kernel_cpu(x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
