@@ -51,8 +51,10 @@ __all__ = [
     "sparse_linear",
 ]
 
-#: a timed sample runs the call in a loop until it lasts at least this long
-MIN_SAMPLE_SECONDS = 2e-4
+#: a timed sample runs the call in a loop until it lasts at least this long: at 0.2 ms
+#: the verdict for a 576 x 576 layer at one token flipped from one measurement to the
+#: next on this project's machine; at 2 ms it held
+MIN_SAMPLE_SECONDS = 2e-3
 #: the measurement cycles through copies of the weight that add up to at least this many
 #: bytes (at most :data:`MAX_COPIES`), so that each call reads its weight from beyond the
 #: core's own caches, as a layer of a many-layer model does when it decodes a token
@@ -85,9 +87,10 @@ def measure_crossover(
     after another; a hot-cache measurement favours the dense product on small
     layers. Each count's
     verdict is the median of three interleaved pairs of samples, after one
-    warm-up call of each: eight calls per count, so the cost is about eight
-    times the layer's time per count tried. That is a few milliseconds for
-    small layers and one to a few seconds for a 4096 x 11008 float32 layer
+    warm-up call of each; a sample repeats the call until it lasts
+    :data:`MIN_SAMPLE_SECONDS` (2 ms). The cost per count tried is about
+    16 ms for small layers, and eight calls of the layer (one to a few
+    seconds) for a 4096 x 11008 float32 layer
     (which also allocates its weights once per measurement; small layers
     allocate up to 32 MiB of copies for the measurement's duration).
 
