@@ -22,9 +22,15 @@ from actsparse.hooks import (
 from actsparse.hooks._sparsify import GREEDY_PROJECTIONS, greedy_levels, single_examples
 
 
-def calibrated(model: nn.Module, batches: list[torch.Tensor]) -> ActivationSparsifier:
+def calibrated(
+    model: nn.Module, batches: list[torch.Tensor], *, sums: bool = False
+) -> ActivationSparsifier:
     sparsifier = ActivationSparsifier(
-        model, aggregate_fn="abs_histogram", reduce_fn="identity", mask_fn="target_threshold"
+        model,
+        aggregate_fn="abs_histogram",
+        reduce_fn="identity",
+        mask_fn="target_threshold",
+        **({"feature_sums": True} if sums else {}),
     )
     sparsifier.register_layers({nn.Linear: {"sparsity_level": 0.5}})
     with torch.no_grad():
@@ -46,9 +52,28 @@ def linear_stack() -> tuple[nn.Sequential, nn.Sequential, list[torch.Tensor]]:
     return model.eval(), copy.deepcopy(model), [torch.randn(64, 24) for _ in range(3)]
 
 
-def test_on_a_linear_model_the_estimate_is_the_measured_error() -> None:
+class Doubled(nn.Linear):
+    """A Linear whose forward is its own (twice the product): not a plain nn.Linear, so
+    the estimate runs it alone at each level instead of reading its input's change."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    ("sums", "doubled"),
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["plain", "compensated", "a-module-run-alone", "compensated-and-run-alone"],
+)
+def test_on_a_linear_model_the_estimate_is_the_measured_error(sums: bool, doubled: bool) -> None:
     model, dense, batches = linear_stack()
-    sparsifier = calibrated(model, batches)
+    if doubled:  # the middle layer, halved so that the model computes the same function
+        twin = Doubled(24, 24)
+        with torch.no_grad():
+            twin.weight.copy_(model[2].weight / 2)
+            twin.bias.copy_(model[2].bias / 2)
+        model[2] = twin
+    sparsifier = calibrated(model, batches, sums=sums)
     probes = [torch.randn(8, 24) for _ in range(6)]
     references = [dense(p).detach() for p in probes]
     scale = sum(float(r.pow(2).sum()) for r in references)
@@ -68,6 +93,26 @@ def test_on_a_linear_model_the_estimate_is_the_measured_error() -> None:
             assert estimated[name][level] == pytest.approx(row[level], rel=0.15), (name, level)
     # the damped first layer is the cheapest, the amplified last one the dearest
     assert estimated["1"][0.5] < estimated["2"][0.5] < estimated["3"][0.5]
+
+
+def test_a_plain_linear_is_never_run_alone() -> None:
+    # its estimate comes from the gradient at its input: one call per probe, in the
+    # probe's forward pass, whatever the number of levels
+    model, _, batches = linear_stack()
+    sparsifier = calibrated(model, batches)
+    calls = dict.fromkeys(("1", "2", "3"), 0)
+
+    def count(name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            calls[name] += 1
+
+        return hook
+
+    for name in calls:
+        model.get_submodule(name).register_forward_pre_hook(count(name))
+    probes = [torch.randn(4, 24) for _ in range(3)]
+    linearized_sensitivity(sparsifier, model, probes, [0.25, 0.5, 0.75], projections=2)
+    assert calls == dict.fromkeys(("1", "2", "3"), len(probes))
 
 
 def test_the_thresholds_and_hooks_are_as_before_and_no_gradient_is_left() -> None:

@@ -98,8 +98,8 @@ DIVERGENCES = ("squared", "kl")
 
 
 class _Recorded:
-    """What one probe's forward pass left at each layer: its inputs and output, and the
-    zero added to that output whose gradient is ``J^T r``."""
+    """What one probe's forward pass left at each layer: its inputs (and output), and the
+    zero added to that output (or input) whose gradient is ``J^T r`` (or ``W^T J^T r``)."""
 
     def __init__(self) -> None:
         self.inputs: dict[str, tuple[Any, ...]] = {}
@@ -121,6 +121,23 @@ class _Recorded:
 
         return record
 
+    def input_hook(self, name: str) -> Callable[..., Any]:
+        """A pre-hook for a layer whose change is a function of its input: it records the
+        input and adds the zero to it, so the gradient there is ``W^T J^T r``."""
+
+        def record(module: Any, args: tuple[Any, ...]) -> Any:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            if not x.is_floating_point():
+                return None
+            self.inputs[name] = (x.detach(),)
+            probe = torch.zeros_like(x, requires_grad=True)
+            self.zeros[name] = probe
+            return (x + probe, *args[1:])
+
+        return record
+
 
 def _projection(
     measured: torch.Tensor, finite: torch.Tensor, divergence: str, generator: torch.Generator
@@ -135,6 +152,16 @@ def _projection(
     else:
         r = torch.randn(measured.shape, generator=generator).to(measured.device)
     return torch.where(finite, r, torch.zeros_like(r))
+
+
+def _squared_dots(grads: Sequence[torch.Tensor], change: torch.Tensor) -> float:
+    """``sum_k (g_k . change)^2``. Entries that a NaN or inf reaches are left out, as the
+    probe error leaves them out of the output."""
+    flat = change.float().reshape(-1)
+    dots = torch.stack([g @ flat for g in grads])
+    if not bool(dots.isfinite().all()):
+        dots = torch.stack([torch.where((g * flat).isfinite(), g * flat, 0.0).sum() for g in grads])
+    return float(dots.pow(2).sum())
 
 
 def linearized_sensitivity(
@@ -162,11 +189,21 @@ def linearized_sensitivity(
     term of that sum, so probes of one example each (``sparsify()`` cuts them
     so) also average the estimate over the examples.
 
+    For a plain ``nn.Linear``, ``dy = W dx`` where ``dx`` is the change of its
+    input (:meth:`Threshold.input_change
+    <actsparse.hooks._threshold.Threshold.input_change>`), so ``r . J dy =
+    (W^T J^T r) . dx``: the gradient is taken at the layer's input, and each
+    level costs elementwise work on the recorded input, no pass of the layer.
+    Any other module runs alone at each level on its recorded inputs, and the
+    gradient is taken at its output.
+
     Cost, for ``P`` probe batches: ``P`` forward passes that keep their graph,
     ``projections * P`` backward passes, and ``len(levels) * P`` passes of each
-    layer alone over its recorded inputs (about ``len(levels)`` forward passes
-    of the model, in all), whatever the number of layers. Memory: each layer's
-    inputs, outputs and ``projections`` gradients for one probe batch.
+    layer alone over its recorded inputs for the layers that are not plain
+    ``nn.Linear`` modules, whatever the number of layers. The thresholds move
+    ``len(levels) + 2`` times (and ``len(levels) + 1`` more per probe batch if
+    some layer is not a plain Linear). Memory: each layer's inputs (and outputs) and
+    ``projections`` gradients for one probe batch.
 
     With ``divergence="kl"``, ``f`` holds logits (the last dimension) and the
     error is the mean over positions of ``KL(softmax(f) || softmax(f_sparse))``,
@@ -195,10 +232,25 @@ def linearized_sensitivity(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SparsityTargetWarning)
         try:
+            # a plain Linear changes its output by W @ (its input's change): the gradient
+            # at its input gives the estimate with no pass of the layer, and each level's
+            # change is taken once, here. Other layers run alone at each level.
+            changes: dict[float, dict[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
+            for level in grid:
+                sparsifier.retarget(dict.fromkeys(names, level))
+                found_changes = {n: sparsifier._input_change(n) for n in names}
+                changes[level] = {n: c for n, c in found_changes.items() if c is not None}
+            by_input = set(changes[grid[0]]) if grid else set()
+            others = [n for n in names if n not in by_input]
+            sparsifier.retarget(dict.fromkeys(names, 0.0))
             for batch in probes:
-                sparsifier.retarget(dict.fromkeys(names, 0.0))
                 recorded = _Recorded()
-                handles = [m.register_forward_hook(recorded.hook(n)) for n, m in modules.items()]
+                handles = [
+                    m.register_forward_pre_hook(recorded.input_hook(n))
+                    if n in by_input
+                    else m.register_forward_hook(recorded.hook(n))
+                    for n, m in modules.items()
+                ]
                 try:
                     with torch.enable_grad():
                         measured = output(batch)
@@ -234,26 +286,26 @@ def linearized_sensitivity(
                     )
                 del measured, value
                 recorded.zeros.clear()
-                # each layer's K gradients as one (K, entries) matrix: one product per level
+                # each layer's K gradients, flat
                 grads = {
-                    name: torch.stack([g[i].float().reshape(-1) for g in per_projection])
+                    name: [g[i].float().reshape(-1) for g in per_projection]
                     for i, name in enumerate(found)
                     if per_projection[0][i] is not None
                 }
                 del per_projection
                 for level in grid:
-                    sparsifier.retarget(dict.fromkeys(found, level))
+                    if any(n in grads for n in others):
+                        sparsifier.retarget(dict.fromkeys(others, level))
                     with torch.no_grad():
                         for name, g in grads.items():
-                            inputs, dense = recorded.inputs[name], recorded.outputs[name]
-                            change = (modules[name](*inputs) - dense).float().reshape(-1)
-                            dots = g @ change
-                            if not bool(dots.isfinite().all()):
-                                # entries that a NaN or inf reaches are left out, as the
-                                # probe error leaves them out of the output
-                                terms = g * change
-                                dots = torch.where(terms.isfinite(), terms, 0.0).sum(1)
-                            sums[name][level] += float(dots.pow(2).sum()) / projections
+                            if name in by_input:
+                                change = changes[level][name](recorded.inputs[name][0])
+                            else:
+                                inputs, dense = recorded.inputs[name], recorded.outputs[name]
+                                change = modules[name](*inputs) - dense
+                            sums[name][level] += _squared_dots(g, change) / projections
+                if others:
+                    sparsifier.retarget(dict.fromkeys(others, 0.0))
         finally:
             sparsifier.retarget(before)
     if scale <= 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn
 
 import torch
@@ -259,6 +259,13 @@ class ActivationSparsifier:
         mode after ``step()``: the threshold, the target, the expected sparsity on the
         calibration data and whether the target was reachable."""
         return {n: la.threshold for n, la in self._layers.items() if la.threshold is not None}
+
+    def _input_change(self, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What layer ``name``'s threshold at its current level changes in its input
+        (:meth:`Threshold.input_change <actsparse.hooks._threshold.Threshold.input_change>`),
+        or None."""
+        mode = self._layers[name].mode
+        return mode.input_change(self._layers[name]) if isinstance(mode, Threshold) else None
 
     def retarget(self, levels: Mapping[str, float]) -> None:
         """Give threshold-mode layers new sparsity levels without calibrating again.

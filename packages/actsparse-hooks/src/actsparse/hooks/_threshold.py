@@ -501,6 +501,25 @@ class Threshold:
             return _Handles(handle, ForwardHandle(module, forward))
         return _Handles(handle, module.register_forward_hook(compensation.hook))
 
+    def input_change(self, layer: Layer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``x -> zeroed(x) - x + offset``: what the squashed hook changes in the layer's
+        input ``x``, its zeros and the offset that compensates them, as the hook computes
+        them. A plain ``nn.Linear`` then changes its output by ``W`` times this; None for
+        any other module, whose change is not a function of its input's alone."""
+        result = self._result
+        if result is None or not _plain_linear(layer.module):
+            return None
+        threshold = result.threshold
+        zero = scored_zero(layer, threshold)
+        offset = self._offset
+
+        def change(x: torch.Tensor) -> torch.Tensor:
+            zeroed = F.hardshrink(x, threshold) if zero is None else zero(x)
+            delta = zeroed - x
+            return delta if offset is None else delta + offset.to(delta)
+
+        return change
+
     @staticmethod
     def _plain_hook(layer: Layer, threshold: float) -> PreHook:
 
