@@ -53,6 +53,27 @@ def error_bound(
     return bound
 
 
+def dense_reference(
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
+) -> torch.Tensor:
+    """``F.linear(F.hardshrink(x, threshold), weight_t.T, bias)`` on the CPU, in x's dtype:
+    what a kernel's output is checked against.
+
+    The zeros are made in x's dtype (hardshrink rounds the threshold to it). A
+    bfloat16 or float16 product is then taken in float32 and rounded once, within
+    the bound above: torch's bfloat16 GEMM on the CPU can write NaN into a row whose
+    inputs are all finite when another row of the same call holds a NaN (seen with
+    a (18, 33) @ (33, 33) product), and a kernel that skips rows must not copy that.
+    """
+    shrunk = F.hardshrink(x.detach().cpu(), threshold)
+    w = weight_t.detach().cpu()
+    b = None if bias is None else bias.detach().cpu()
+    if x.dtype in (torch.bfloat16, torch.float16):
+        out = F.linear(shrunk.float(), w.float().T, None if b is None else b.float())
+        return out.to(x.dtype)
+    return F.linear(shrunk, w.T, b)
+
+
 def assert_close_to_reference(
     y: torch.Tensor,
     ref: torch.Tensor,
@@ -108,8 +129,7 @@ def add_specials(x: torch.Tensor, generator: torch.Generator, values: tuple[floa
 def reference(module: nn.Module, x: torch.Tensor, threshold: float) -> torch.Tensor:
     """The dense layer on the weights as they are now, computed on the CPU."""
     assert isinstance(module, nn.Linear)
-    bias = None if module.bias is None else module.bias.detach().cpu()
-    return F.linear(F.hardshrink(x.detach().cpu(), threshold), module.weight.detach().cpu(), bias)
+    return dense_reference(x, module.weight.T, module.bias, threshold)
 
 
 def give_back(kernel: KernelStrategy, module: nn.Module) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from _kernel_cases import (
     add_specials,
     assert_close_to_reference,
+    dense_reference,
     error_bound,
     make_x,
     threshold_for,
@@ -65,8 +66,7 @@ def kernels(device: torch.device) -> types.ModuleType:
 def reference(
     x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
 ) -> torch.Tensor:
-    cpu = None if bias is None else bias.cpu()
-    return sparse_linear_reference(x.cpu(), weight_t.cpu(), cpu, threshold)
+    return dense_reference(x, weight_t, bias, threshold)
 
 
 def assert_matches(
