@@ -364,6 +364,11 @@ def test_a_compiled_inference_step_reads_the_kept_shift_not_the_weight(kernel: s
         )
 
 
+def test_a_cuda_graph_never_replays_the_kept_shift() -> None:
+    # its check of the parameters runs at each call: inductor splits CUDA graphs there
+    assert torch.Tag.cudagraph_unsafe in torch.ops.actsparse.kept_shift.default.tags
+
+
 def test_a_compiled_training_step_computes_the_shift_in_the_graph() -> None:
     model, offset, threshold, x = _squashed()
     out, ops = _graph_ops(model, x)

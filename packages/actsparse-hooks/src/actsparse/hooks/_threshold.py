@@ -221,7 +221,11 @@ def _wants_graph(tensors: tuple[Any, ...]) -> bool:
 _COMPENSATIONS: weakref.WeakValueDictionary[int, Compensation] = weakref.WeakValueDictionary()
 _slots = itertools.count()
 _library = torch.library.Library("actsparse", "FRAGMENT")  # type: ignore[no-untyped-call]
-_library.define("kept_shift(Tensor weight, Tensor? bias, int slot) -> Tensor")  # type: ignore[no-untyped-call]
+# cudagraph_unsafe: its check runs at each call, so a CUDA graph must not replay it
+_library.define(  # type: ignore[no-untyped-call]
+    "kept_shift(Tensor weight, Tensor? bias, int slot) -> Tensor",
+    tags=(torch.Tag.cudagraph_unsafe,),
+)
 
 
 def _kept_shift(weight: torch.Tensor, bias: torch.Tensor | None, slot: int) -> torch.Tensor:
@@ -246,7 +250,8 @@ torch.library.register_fake("actsparse::kept_shift", _kept_shift_fake, lib=_libr
 #: when it is given) of a compensated Linear, as one opaque node of a compiled graph.
 #: The operator checks the layer's parameters as eager calls do (computing the shift
 #: again after they changed) and returns a copy; the graph never reads the weight
-#: for it.
+#: for it. It is tagged ``cudagraph_unsafe``: that check must run at every call, so
+#: a CUDA graph is split around it rather than replaying a stale copy.
 KEPT_SHIFT: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor] = (
     torch.ops.actsparse.kept_shift.default
 )
