@@ -127,10 +127,12 @@ def _compensated_reference(
     return want.detach(), weight.grad, bias.grad
 
 
-def _squashed() -> tuple[nn.Sequential, torch.Tensor, float, torch.Tensor]:
-    """A compensated model, its last layer's offset and threshold, and an input."""
+def _squashed(kernel: str = "dense") -> tuple[nn.Sequential, torch.Tensor, float, torch.Tensor]:
+    """A compensated model with ``kernel`` set, its last layer's offset and threshold, and
+    an input."""
     model = mlp()
     sparsifier = calibrated(model)
+    sparsifier.set_kernel(kernel)
     offset = sparsifier.state_dict()["state"]["2"]["offset"]
     return model, offset, sparsifier.thresholds["2"].threshold, data(seed=5, batches=1)[0]
 
@@ -340,14 +342,7 @@ def _graph_ops(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[st
 def test_a_compiled_inference_step_reads_the_kept_shift_not_the_weight(kernel: str) -> None:
     if kernel != "dense" and not cpu_kernel_status().available:
         pytest.skip("the C++ kernel could not be built here")
-    model, offset, threshold, x = _squashed()
-    sparsifier_kernel = {"dense": None, "cpu_sparse": "cpu_sparse"}[kernel]
-    if sparsifier_kernel is not None:
-        model = mlp()
-        sparsifier = calibrated(model)
-        sparsifier.set_kernel(sparsifier_kernel)
-        offset = sparsifier.state_dict()["state"]["2"]["offset"]
-        threshold = sparsifier.thresholds["2"].threshold
+    model, offset, threshold, x = _squashed(kernel)
     with torch.no_grad():
         out, ops = _graph_ops(model, x)
         torch.testing.assert_close(out, _compensated_reference(model, offset, threshold, x)[0])
