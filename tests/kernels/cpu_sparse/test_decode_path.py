@@ -145,6 +145,26 @@ def test_the_crossover_is_measured_on_cold_weights(monkeypatch: pytest.MonkeyPat
     assert len({w.data_ptr() for w in weights}) == len(weights) > 1
 
 
+def test_the_crossover_times_the_kernel_as_a_decoding_step_calls_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    timed: list[set[str]] = []
+
+    def faster(sparse: Any, dense: Any, timer: Any, **kwargs: Any) -> bool:
+        timed.append(_ops(sparse))
+        return False
+
+    monkeypatch.setattr(cpu_sparse, "sparse_faster", faster)
+    cpu_sparse.clear_crossover_cache()
+    try:
+        cpu_sparse.measure_crossover(32, 48, torch.float32, 0.5)
+    finally:
+        cpu_sparse.clear_crossover_cache()
+    (ops,) = timed
+    assert "actsparse_kernels::sparse_linear_cpu" in ops
+    assert "actsparse::sparse_linear" not in ops  # no custom-op layers in the timing
+
+
 def test_a_layer_at_threshold_zero_runs_without_a_hook() -> None:
     model, sparsifier = _squashed("dense", level=0.0)
     assert all(r.threshold <= 0 for r in sparsifier.thresholds.values())

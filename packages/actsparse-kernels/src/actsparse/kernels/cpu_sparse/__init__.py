@@ -73,10 +73,12 @@ def measure_crossover(
     threads: int | None = None,
     max_tokens: int = 64,
 ) -> int:
-    """The largest token count at which the sparse op is faster than the dense layer.
+    """The largest token count at which the sparse kernel is faster than the dense layer.
 
-    Times :func:`sparse_linear` against its dense reference (hardshrink and
-    ``F.linear`` on the same input-major weight) on synthetic inputs of the
+    Times the compiled operator as a layer calls it without autograd (directly,
+    as :func:`sparse_linear` computes it) against its dense reference
+    (hardshrink and ``F.linear`` on the same input-major weight) on synthetic
+    inputs of the
     given ``sparsity`` (the fraction of entries zeroed), at 1, 2, 4, 8, ...
     tokens up to ``max_tokens``, and returns the last count at which the
     sparse op won before it first lost: 0 if it never won. The weights are
@@ -135,11 +137,15 @@ def _measure(
 
 
 def _wins(x: Tensor, weights: list[Tensor], threshold: float) -> bool:
-    """Whether the sparse op beats the dense reference on ``x``, each call on the next of
-    ``weights``."""
+    """Whether the sparse kernel beats the dense reference on ``x``, each call on the next
+    of ``weights``. The kernel is timed as a decoding step runs it, the compiled operator
+    called directly (:class:`~actsparse.kernels._common.linear.Direct`); through the
+    custom op's Python layers it pays about 10 µs more per call, which at one token
+    decided small layers for the dense path."""
     turn = itertools.cycle(weights)
+    kernel = compiled_kernel() or sparse_linear
     return sparse_faster(
-        lambda: sparse_linear(x, next(turn), None, threshold),
+        lambda: kernel(x, next(turn), None, threshold),
         lambda: sparse_linear_reference(x, next(turn), None, threshold),
         perf_counter_timer,
         min_sample_seconds=MIN_SAMPLE_SECONDS,
