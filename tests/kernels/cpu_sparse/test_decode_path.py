@@ -165,12 +165,20 @@ def test_the_crossover_times_the_kernel_as_a_decoding_step_calls_it(
     assert "actsparse::sparse_linear" not in ops  # no custom-op layers in the timing
 
 
-def test_a_layer_at_threshold_zero_runs_without_a_hook() -> None:
-    model, sparsifier = _squashed("dense", level=0.0)
+@pytest.mark.parametrize("kernel", ["dense", "auto"])
+def test_a_layer_at_threshold_zero_runs_without_a_hook(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # auto gives such a layer no kernel even where the kernel measured faster: it has
+    # nothing to skip
+    monkeypatch.setattr(cpu_sparse, "measure_crossover", lambda *args, **kwargs: 64)
+    model, sparsifier = _squashed(kernel, level=0.0)
     assert all(r.threshold <= 0 for r in sparsifier.thresholds.values())
+    assert set(sparsifier.kernels.values()) == {"dense"}
     for layer in (model[0], model[2]):
         assert not layer._forward_pre_hooks
         assert "forward" not in layer.__dict__
     sparsifier.retarget({"0": 0.5})  # a threshold above 0 brings the hook back
-    assert model[0]._forward_pre_hooks
+    assert model[0]._forward_pre_hooks or "forward" in model[0].__dict__
     assert not model[2]._forward_pre_hooks
+    assert "forward" not in model[2].__dict__

@@ -243,7 +243,8 @@ def _dense(mode: Threshold) -> Threshold:
 def _auto(name: str, layer: Layer, mode: Threshold, kernels: list[KernelStrategy]) -> Threshold:
     best: tuple[KernelStrategy, int] | None = None
     result = mode.threshold
-    if result is None:
+    if result is None or mode.zeroes_nothing(layer):
+        # nothing to skip: the layer runs as it is, with no hook, whatever a kernel measured
         return mode
     for kernel in kernels:
         if kernel.supports(layer.module) is not None:

@@ -481,11 +481,11 @@ class Threshold:
         if result is None:  # squash_mask() and load_state_dict() refuse this
             raise MaskError(f"layer {layer.name!r} has no threshold: run step() first")
         threshold = result.threshold
-        zero = scored_zero(layer, threshold)
-        if zero is None and threshold <= 0 and (self._offset is None or not self._offset.any()):
+        if self.zeroes_nothing(layer):
             # hardshrink at a threshold <= 0 zeroes only zeros, and a zero offset adds
             # nothing: the layer runs as it is, without a hook to call (a target of 0%)
             return _Handles()
+        zero = scored_zero(layer, threshold)
         compensation = None if self._offset is None else Compensation(layer, self._offset)
         if zero is not None:
 
@@ -505,6 +505,14 @@ class Threshold:
             module.__dict__["forward"] = forward
             return _Handles(handle, ForwardHandle(module, forward))
         return _Handles(handle, module.register_forward_hook(compensation.hook))
+
+    def zeroes_nothing(self, layer: Layer) -> bool:
+        """Whether the squashed layer would run as it is: the plain ``|x|`` score at a
+        threshold of at most 0 (only zeros are zeroed) and no offset, or a zero one."""
+        result = self._result
+        if result is None or result.threshold > 0 or layer.score_scale() is not None:
+            return False
+        return self._offset is None or not bool(self._offset.any())
 
     def input_change(self, layer: Layer) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``x -> zeroed(x) - x + offset``: what the squashed hook changes in the layer's
