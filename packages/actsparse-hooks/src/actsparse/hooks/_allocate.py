@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actsparse.core import LAYER_KEY, ConfigError
+from actsparse.hooks._sparsifier import input_change
 from actsparse.hooks._threshold import SparsityTargetWarning
 
 if TYPE_CHECKING:
@@ -238,9 +239,9 @@ def linearized_sensitivity(
             changes: dict[float, dict[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
             for level in grid:
                 sparsifier.retarget(dict.fromkeys(names, level))
-                found_changes = {n: sparsifier._input_change(n) for n in names}
+                found_changes = {n: input_change(sparsifier, n) for n in names}
                 changes[level] = {n: c for n, c in found_changes.items() if c is not None}
-            by_input = set(changes[grid[0]]) if grid else set()
+            by_input = set(changes[grid[0]])  # the grid is never empty (_levels)
             others = [n for n in names if n not in by_input]
             sparsifier.retarget(dict.fromkeys(names, 0.0))
             for batch in probes:

@@ -232,16 +232,14 @@ def calibrate(
         if bar_class is None
         else bar_class(total=total, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True)
     )
-    training = {module: module.training for module in model.modules()} if eval_mode else {}
     count = 0
     samples: int | None = 0
     stopped_by: StopReason = "exhausted"
     start = time.perf_counter()
+    mode = evaluating(model) if eval_mode else contextlib.nullcontext()
     try:
-        if eval_mode:
-            model.eval()
         batch = first
-        with torch.no_grad():
+        with mode, torch.no_grad():
             while True:
                 if inputs is not None:
                     batch = inputs(batch)
@@ -269,8 +267,6 @@ def calibrate(
                     break
     finally:
         elapsed = time.perf_counter() - start
-        for module, flag in training.items():
-            module.training = flag
         if bar is not None:
             bar.close()
     return CalibrationSummary(

@@ -260,13 +260,6 @@ class ActivationSparsifier:
         calibration data and whether the target was reachable."""
         return {n: la.threshold for n, la in self._layers.items() if la.threshold is not None}
 
-    def _input_change(self, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """What layer ``name``'s threshold at its current level changes in its input
-        (:meth:`Threshold.input_change <actsparse.hooks._threshold.Threshold.input_change>`),
-        or None."""
-        mode = self._layers[name].mode
-        return mode.input_change(self._layers[name]) if isinstance(mode, Threshold) else None
-
     def retarget(self, levels: Mapping[str, float]) -> None:
         """Give threshold-mode layers new sparsity levels without calibrating again.
 
@@ -930,3 +923,14 @@ def _warn_unstepped(layers: Iterable[Layer]) -> None:
             WorkflowWarning,
             stacklevel=3,
         )
+
+
+def input_change(
+    sparsifier: ActivationSparsifier, name: str
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What layer ``name``'s threshold at its current level changes in its input
+    (:meth:`Threshold.input_change <actsparse.hooks._threshold.Threshold.input_change>`),
+    or None when the layer is not in threshold mode or that change is not its input's."""
+    layer = sparsifier._layers[name]
+    mode = layer.mode
+    return mode.input_change(layer) if isinstance(mode, Threshold) else None

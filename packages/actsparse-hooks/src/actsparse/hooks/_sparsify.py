@@ -48,7 +48,8 @@ ATTENTION_MASK = "attention_mask"
 #: greedily from each layer's sensitivity, estimated (:func:`linearized_sensitivity`) or
 #: measured with a forward pass per layer and level (:func:`layer_sensitivity`).
 ALLOCATIONS = ("uniform", "greedy", "greedy_exact")
-GREEDY = frozenset({"greedy", "greedy_exact"})
+#: The allocations that search per-layer levels.
+GREEDY = frozenset(ALLOCATIONS) - {"uniform"}
 #: Random projections of :func:`linearized_sensitivity` for ``allocation="greedy"``.
 GREEDY_PROJECTIONS = 4
 
